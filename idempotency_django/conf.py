@@ -1,0 +1,106 @@
+"""Settings for idempotency_django, read from the ``IDEMPOTENCY`` dict.
+
+Modelled on DRF's ``api_settings``: values are read lazily, defaults are applied here
+(never written into ``django.conf.settings``), dotted paths are imported once, and the
+cache is dropped whenever Django's ``setting_changed`` signal fires for ``IDEMPOTENCY``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.core.signals import setting_changed
+from django.utils.module_loading import import_string
+
+SETTING_NAME = "IDEMPOTENCY"
+
+DEFAULTS: dict[str, Any] = {
+    # Request header carrying the key (IETF draft-ietf-httpapi-idempotency-key-header).
+    "HEADER": "Idempotency-Key",
+    # HTTP methods that are made idempotent; other methods pass through untouched.
+    "METHODS": ["POST", "PATCH"],
+    # When True, a request without the header is answered 400 idempotency_key_missing.
+    "REQUIRED": False,
+    # How long a completed response is replayed. None keeps records forever.
+    "TTL": timedelta(hours=24),
+    # How long an in-flight record blocks retries before a retry may take it over.
+    "PROCESSING_TIMEOUT": timedelta(seconds=60),
+    # "reject": answer 409 while the original is in flight; "wait": wait for it, then replay.
+    "CONFLICT": "reject",
+    # With CONFLICT="wait", the longest a retry waits before it is answered 409.
+    "WAIT_TIMEOUT": timedelta(seconds=10),
+    # Dotted path to ``f(request) -> str``; None uses the authenticated user's primary key.
+    "SCOPE": None,
+    # Dotted path to ``f(request, body: bytes) -> str``; None uses the built-in hash.
+    "FINGERPRINT": None,
+    # Longest accepted key, in characters.
+    "MAX_KEY_LENGTH": 255,
+    # Response header added to replays.
+    "REPLAY_HEADER": "Idempotent-Replayed",
+    # Dotted path to a storage class; the database storage is the default.
+    "STORAGE": "idempotency_django.storage.database.DatabaseStorage",
+}
+
+# Settings holding a dotted path that is imported on first access.
+IMPORT_STRINGS = ("SCOPE", "FINGERPRINT", "STORAGE")
+
+# Settings given as a duration: a timedelta or a number of seconds.
+DURATIONS = ("TTL", "PROCESSING_TIMEOUT", "WAIT_TIMEOUT")
+
+CONFLICT_CHOICES = ("reject", "wait")
+
+
+def to_timedelta(value: timedelta | float | None) -> timedelta | None:
+    """Return ``value`` (a timedelta, a number of seconds, or None) as a timedelta."""
+    if value is None or isinstance(value, timedelta):
+        return value
+    return timedelta(seconds=value)
+
+
+class IdempotencySettings:
+    """Attribute access to the ``IDEMPOTENCY`` settings with defaults applied.
+
+    ``idempotency_settings.TTL`` returns the user's value or the default; durations come
+    back as :class:`~datetime.timedelta` and dotted paths as the imported object.
+    """
+
+    def __init__(self, defaults: dict[str, Any] | None = None) -> None:
+        self.defaults = defaults if defaults is not None else DEFAULTS
+        self._cached: dict[str, Any] = {}
+
+    @property
+    def user_settings(self) -> dict[str, Any]:
+        value = getattr(settings, SETTING_NAME, None)
+        return dict(value) if isinstance(value, dict) else {}
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in self.defaults:
+            raise AttributeError(f"Invalid idempotency setting: {name!r}")
+        try:
+            return self._cached[name]
+        except KeyError:
+            pass
+        value = self.user_settings.get(name, self.defaults[name])
+        if name in IMPORT_STRINGS and isinstance(value, str):
+            value = import_string(value)
+        elif name in DURATIONS:
+            value = to_timedelta(value)
+        self._cached[name] = value
+        return value
+
+    def reload(self) -> None:
+        """Forget every cached value; the next access reads the settings again."""
+        self._cached.clear()
+
+
+idempotency_settings = IdempotencySettings()
+
+
+def _reload_settings(*, setting: str, **kwargs: Any) -> None:
+    if setting == SETTING_NAME:
+        idempotency_settings.reload()
+
+
+setting_changed.connect(_reload_settings)

@@ -1,0 +1,88 @@
+"""``@idempotent`` for DRF ``@api_view`` functions, viewset ``@action`` methods and plain
+Django function views."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any, TypeVar, overload
+
+from django.http import HttpRequest, HttpResponseBase
+from rest_framework.request import Request
+
+from idempotency_django import drf
+from idempotency_django.execution import USE_SETTING, Options, run
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@overload
+def idempotent(func: F) -> F: ...
+
+
+@overload
+def idempotent(
+    func: None = None,
+    *,
+    methods: Sequence[str] | None = None,
+    required: bool | None = None,
+    ttl: timedelta | float | None = USE_SETTING,
+    conflict: str | None = None,
+) -> Callable[[F], F]: ...
+
+
+def idempotent(
+    func: F | None = None,
+    *,
+    methods: Sequence[str] | None = None,
+    required: bool | None = None,
+    ttl: timedelta | float | None = USE_SETTING,
+    conflict: str | None = None,
+) -> F | Callable[[F], F]:
+    """Make a view honour the ``Idempotency-Key`` header.
+
+    Place it under ``@api_view``/``@action`` (closest to the function)::
+
+        @api_view(["POST"])
+        @idempotent(required=True)
+        def create_payment(request): ...
+
+    For DRF views it runs after authentication, permissions and throttling, since DRF
+    calls the function only after those checks; for plain Django views, after the
+    middleware (so ``request.user`` is set). Keyword arguments override the settings for
+    this view; omitted ones use the ``IDEMPOTENCY`` setting (``ttl=None`` keeps forever).
+    """
+    options = Options(methods=methods, required=required, ttl=ttl, conflict=conflict)
+
+    def decorate(view_func: F) -> F:
+        @functools.wraps(view_func)
+        def wrapper(*args: Any, **kwargs: Any) -> HttpResponseBase:
+            position, request = _find_request(args)
+            if isinstance(request, Request):
+                view = request.parser_context.get("view") if request.parser_context else None
+                if view is not None:
+                    # DRF passes the handler the request positionally: call the undecorated
+                    # function with the same leading arguments (``self`` for an action).
+                    leading = args[:position]
+
+                    def handler(req: Request, *rest: Any, **kw: Any) -> Any:
+                        return view_func(*leading, req, *rest, **kw)
+
+                    call = drf.handler_call(view, request, handler, args[position + 1 :], kwargs)
+                    return run(request, call, options)
+            return run(request, lambda: view_func(*args, **kwargs), options)
+
+        wrapper.idempotency_wrapped = True  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    if func is not None:
+        return decorate(func)
+    return decorate
+
+
+def _find_request(args: tuple[Any, ...]) -> tuple[int, Any]:
+    for position, arg in enumerate(args[:2]):
+        if isinstance(arg, (HttpRequest, Request)):
+            return position, arg
+    raise TypeError("@idempotent decorates views: a request argument was expected.")

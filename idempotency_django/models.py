@@ -1,0 +1,125 @@
+"""The stored record of one idempotency key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import models
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+
+class CaseSensitiveCharField(models.CharField):  # type: ignore[type-arg]
+    """A CharField compared byte for byte on every backend.
+
+    PostgreSQL and SQLite already compare text exactly; MySQL and MariaDB default to
+    case-insensitive collations, under which the keys ``ABC`` and ``abc`` would collide
+    in the unique constraint. The collation is chosen per connection so the migration
+    stays portable.
+    """
+
+    def __init__(self, *args: Any, mysql_collation: str = "utf8mb4_bin", **kwargs: Any) -> None:
+        self.mysql_collation = mysql_collation
+        super().__init__(*args, **kwargs)
+
+    def deconstruct(self) -> Any:
+        name, path, args, kwargs = super().deconstruct()
+        if self.mysql_collation != "utf8mb4_bin":
+            kwargs["mysql_collation"] = self.mysql_collation
+        return name, path, args, kwargs
+
+    def db_parameters(self, connection: BaseDatabaseWrapper) -> dict[str, Any]:
+        params = super().db_parameters(connection)
+        if connection.vendor == "mysql" and not self.db_collation:
+            params["collation"] = self.mysql_collation
+        return params
+
+
+class IdempotencyRecordQuerySet(models.QuerySet["IdempotencyRecord"]):
+    def expired(self, now: Any = None) -> IdempotencyRecordQuerySet:
+        """Records whose ``expires_at`` has passed. ``TTL=None`` records never are."""
+        return self.filter(expires_at__lte=now or timezone.now())
+
+    def live(self, now: Any = None) -> IdempotencyRecordQuerySet:
+        now = now or timezone.now()
+        return self.filter(models.Q(expires_at__isnull=True) | models.Q(expires_at__gt=now))
+
+
+class IdempotencyRecord(models.Model):
+    """One (scope, key): its request fingerprint, its lease while in flight, and the
+    response replayed to every retry once it completed."""
+
+    class State(models.TextChoices):
+        PROCESSING = "processing", _("processing")
+        COMPLETED = "completed", _("completed")
+
+    scope = CaseSensitiveCharField(
+        _("scope"),
+        max_length=255,
+        help_text=_("Who the key belongs to, by default the authenticated user's primary key."),
+    )
+    key = CaseSensitiveCharField(
+        _("key"),
+        max_length=255,
+        mysql_collation="ascii_bin",
+        help_text=_("The Idempotency-Key header value sent by the client."),
+    )
+    fingerprint = models.CharField(
+        _("fingerprint"),
+        max_length=128,
+        help_text=_("Hash of the method, path with query string, and body of the first request."),
+    )
+    method = models.CharField(_("method"), max_length=16)
+    path = models.TextField(_("path"), help_text=_("Path with query string."))
+    state = models.CharField(
+        _("state"), max_length=16, choices=State.choices, default=State.PROCESSING
+    )
+    lease_owner = models.CharField(
+        _("lease owner"),
+        max_length=64,
+        help_text=_("Token of the request that currently owns this key."),
+    )
+    lease_expires_at = models.DateTimeField(
+        _("lease expires at"),
+        null=True,
+        blank=True,
+        help_text=_("While processing: after this moment a retry may take the key over."),
+    )
+    response_status = models.PositiveSmallIntegerField(_("response status"), null=True, blank=True)
+    response_headers = models.JSONField(
+        _("response headers"), default=list, blank=True, help_text=_("List of [name, value].")
+    )
+    response_body = models.BinaryField(_("response body"), null=True, blank=True)
+    created_at = models.DateTimeField(_("created at"), default=timezone.now)
+    completed_at = models.DateTimeField(_("completed at"), null=True, blank=True)
+    expires_at = models.DateTimeField(
+        _("expires at"),
+        null=True,
+        blank=True,
+        help_text=_("After this moment the record behaves as absent. Empty: kept forever."),
+    )
+    replay_count = models.PositiveIntegerField(_("replay count"), default=0)
+    last_replayed_at = models.DateTimeField(_("last replayed at"), null=True, blank=True)
+
+    objects = IdempotencyRecordQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("idempotency record")
+        verbose_name_plural = _("idempotency records")
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["scope", "key"], name="idempotency_record_scope_key_uniq"
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["expires_at"], name="idempotency_expires_idx"),
+            models.Index(fields=["created_at"], name="idempotency_created_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key} ({self.scope}, {self.state})"
+
+    def is_expired(self, now: Any = None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (now or timezone.now())

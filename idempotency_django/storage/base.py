@@ -1,0 +1,73 @@
+"""The storage interface: the four operations the exactly-once engine is built from."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import timedelta
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """A response as stored and replayed: status, headers (name, value pairs) and body."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class RequestIdentity:
+    """What identifies a request to the store. The request body itself is never stored."""
+
+    scope: str
+    key: str
+    fingerprint: str
+    method: str
+    path: str
+
+
+class Outcome(enum.Enum):
+    CLAIMED = "claimed"  # this request owns the key and must execute the handler
+    REPLAY = "replay"  # a completed response with the same fingerprint exists
+    IN_FLIGHT = "in_flight"  # another request owns the key and its lease is alive
+    MISMATCH = "mismatch"  # the key was used with a different fingerprint
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The answer of :meth:`BaseStorage.claim`."""
+
+    outcome: Outcome
+    record_id: int | None = None
+    token: str | None = None
+    taken_over: bool = False
+    response: StoredResponse | None = None
+    retry_after: timedelta | None = None
+
+
+class BaseStorage:
+    """Where records live. Subclasses implement claim, complete, release and lookup.
+
+    ``alias`` names the database connection whose transaction the handler runs in, so the
+    handler's writes and :meth:`complete` commit together.
+    """
+
+    alias: str = "default"
+
+    def claim(self, identity: RequestIdentity, *, lease: timedelta, ttl: timedelta | None) -> Claim:
+        """Take ownership of ``identity``'s key, or say why not (replay, in flight, mismatch)."""
+        raise NotImplementedError
+
+    def complete(self, claim: Claim, response: StoredResponse, *, ttl: timedelta | None) -> bool:
+        """Store ``response`` if ``claim`` still owns the key. Runs inside the handler's
+        transaction. False means ownership was lost: the caller must roll back."""
+        raise NotImplementedError
+
+    def release(self, claim: Claim) -> bool:
+        """Forget the key if ``claim`` still owns it, so the client may retry at once."""
+        raise NotImplementedError
+
+    def lookup(self, scope: str, key: str) -> StoredResponse | None:
+        """The stored, unexpired response for (scope, key), if any. Writes nothing."""
+        raise NotImplementedError

@@ -1,0 +1,259 @@
+"""The default storage: one ``IdempotencyRecord`` row per (scope, key).
+
+How two workers can never both own a key, on every backend:
+
+* A key is first claimed by ``INSERT``; the ``UniqueConstraint(scope, key)`` lets exactly one
+  insert win. A concurrent insert of the same key waits for the winner's transaction and then
+  fails (PostgreSQL and InnoDB both block on the uncommitted index entry; SQLite serialises
+  all writers on its database lock).
+* Every later change of ownership (taking over a dead worker's lease, reusing an expired
+  record, completing, releasing) is a conditional ``UPDATE``/``DELETE`` that names the current
+  owner's token in its ``WHERE`` clause: a compare-and-swap. The statement takes the row's
+  exclusive lock, as ``SELECT ... FOR UPDATE`` would, and checks ownership under that lock in
+  the same round trip, so at most one of two racing statements matches the row.
+* :meth:`DatabaseStorage.complete` runs inside the handler's ``transaction.atomic()``; its row
+  lock is held until that transaction commits, so a takeover either happens before it (and
+  the completion matches nothing, rolling the handler back) or waits and sees the completed
+  record.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import DatabaseError, IntegrityError, connections, router, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from idempotency_django.models import IdempotencyRecord
+from idempotency_django.storage.base import (
+    BaseStorage,
+    Claim,
+    Outcome,
+    RequestIdentity,
+    StoredResponse,
+)
+
+State = IdempotencyRecord.State
+
+# Claim attempts before a request that keeps losing races is answered "in flight".
+MAX_CLAIM_ATTEMPTS = 5
+
+# Share-lock suffixes for the read that follows a failed insert inside an outer
+# transaction (ATOMIC_REQUESTS): a plain read would use InnoDB's REPEATABLE READ snapshot and
+# miss the row that just made the insert fail; a shared lock reads the newest committed
+# version without conflicting with other readers waiting on the same key.
+_SHARE_LOCK_SQL = {"mysql": " LOCK IN SHARE MODE", "postgresql": " FOR SHARE"}
+
+
+def _new_token() -> str:
+    return secrets.token_hex(16)
+
+
+def _expiry(now: datetime, ttl: timedelta | None) -> datetime | None:
+    return None if ttl is None else now + ttl
+
+
+def _stored(record: IdempotencyRecord) -> StoredResponse:
+    return StoredResponse(
+        status=int(record.response_status or 0),
+        headers=[(str(name), str(value)) for name, value in record.response_headers],
+        body=bytes(record.response_body or b""),
+    )
+
+
+class DatabaseStorage(BaseStorage):
+    """Records in the database chosen for ``IdempotencyRecord`` by the database routers.
+
+    The handler's transaction is opened on that same database: keep the business tables and
+    the records in one database for the single-transaction guarantee.
+    """
+
+    @property
+    def alias(self) -> str:  # type: ignore[override]
+        return router.db_for_write(IdempotencyRecord) or "default"
+
+    def _records(self) -> Any:
+        return IdempotencyRecord.objects.using(self.alias)
+
+    def _in_transaction(self) -> bool:
+        return connections[self.alias].in_atomic_block
+
+    # -- lookup ---------------------------------------------------------------------------
+
+    def _get(self, identity: RequestIdentity, *, share_lock: bool = False) -> IdempotencyRecord | None:
+        queryset = self._records().filter(scope=identity.scope, key=identity.key)
+        suffix = _SHARE_LOCK_SQL.get(connections[self.alias].vendor, "") if share_lock else ""
+        if not suffix:
+            return queryset.first()  # type: ignore[no-any-return]
+        sql, params = queryset.query.get_compiler(using=self.alias).as_sql()
+        rows = list(IdempotencyRecord.objects.raw(sql + suffix, params).using(self.alias))
+        return rows[0] if rows else None
+
+    def lookup(self, scope: str, key: str) -> StoredResponse | None:
+        record = self._records().filter(scope=scope, key=key, state=State.COMPLETED).first()
+        if record is None or record.is_expired():
+            return None
+        return _stored(record)
+
+    # -- claim ----------------------------------------------------------------------------
+
+    def claim(self, identity: RequestIdentity, *, lease: timedelta, ttl: timedelta | None) -> Claim:
+        insert_failed = False
+        retry_after = lease
+        for _attempt in range(MAX_CLAIM_ATTEMPTS):
+            now = timezone.now()
+            share_lock = insert_failed and self._in_transaction()
+            record = self._get(identity, share_lock=share_lock)
+            if record is None:
+                claimed = self._insert(identity, now=now, lease=lease, ttl=ttl)
+                if claimed is not None:
+                    return claimed
+                insert_failed = True
+                continue
+            if record.is_expired(now):
+                # An expired record behaves as absent: reuse its row for a fresh claim.
+                claimed = self._swap(
+                    record,
+                    identity,
+                    now=now,
+                    lease=lease,
+                    ttl=ttl,
+                    condition={"expires_at__lte": now},
+                )
+                if claimed is not None:
+                    return claimed
+                continue
+            if record.fingerprint != identity.fingerprint:
+                return Claim(Outcome.MISMATCH, record_id=record.pk)
+            if record.state == State.COMPLETED:
+                # After a failed insert inside an outer transaction this request holds a
+                # shared lock on the row; writing the counter would upgrade it and can
+                # deadlock with another waiting retry, so the counter is left alone then.
+                if not share_lock:
+                    self._count_replay(record, now)
+                return Claim(Outcome.REPLAY, record_id=record.pk, response=_stored(record))
+            lease_end = record.lease_expires_at
+            if lease_end is not None and lease_end > now:
+                retry_after = lease_end - now
+                return Claim(Outcome.IN_FLIGHT, record_id=record.pk, retry_after=retry_after)
+            # The owner's lease ran out: its worker died or is too slow. Take the key over;
+            # the old owner's completion will then match no row and roll back.
+            claimed = self._swap(
+                record,
+                identity,
+                now=now,
+                lease=lease,
+                ttl=ttl,
+                condition={"state": State.PROCESSING, "lease_expires_at__lte": now},
+                taken_over=True,
+            )
+            if claimed is not None:
+                return claimed
+        return Claim(Outcome.IN_FLIGHT, retry_after=retry_after)
+
+    def _insert(
+        self, identity: RequestIdentity, *, now: datetime, lease: timedelta, ttl: timedelta | None
+    ) -> Claim | None:
+        token = _new_token()
+        try:
+            # Inside an outer transaction the insert needs its own savepoint so that losing
+            # the race leaves the outer transaction usable; in autocommit mode it commits
+            # at once, which is what makes the claim visible to concurrent retries.
+            with transaction.atomic(using=self.alias, savepoint=self._in_transaction()):
+                record = self._records().create(
+                    scope=identity.scope,
+                    key=identity.key,
+                    fingerprint=identity.fingerprint,
+                    method=identity.method,
+                    path=identity.path,
+                    state=State.PROCESSING,
+                    lease_owner=token,
+                    lease_expires_at=now + lease,
+                    created_at=now,
+                    expires_at=_expiry(now, ttl),
+                )
+        except IntegrityError:
+            return None
+        return Claim(Outcome.CLAIMED, record_id=record.pk, token=token)
+
+    def _swap(
+        self,
+        record: IdempotencyRecord,
+        identity: RequestIdentity,
+        *,
+        now: datetime,
+        lease: timedelta,
+        ttl: timedelta | None,
+        condition: dict[str, Any],
+        taken_over: bool = False,
+    ) -> Claim | None:
+        token = _new_token()
+        changes: dict[str, Any] = {
+            "state": State.PROCESSING,
+            "lease_owner": token,
+            "lease_expires_at": now + lease,
+        }
+        if not taken_over:
+            # A fresh lifetime for an expired record: nothing of the old one survives.
+            changes.update(
+                fingerprint=identity.fingerprint,
+                method=identity.method,
+                path=identity.path,
+                response_status=None,
+                response_headers=[],
+                response_body=None,
+                created_at=now,
+                completed_at=None,
+                expires_at=_expiry(now, ttl),
+                replay_count=0,
+                last_replayed_at=None,
+            )
+        matched = (
+            self._records()
+            .filter(pk=record.pk, lease_owner=record.lease_owner, **condition)
+            .update(**changes)
+        )
+        if matched != 1:
+            return None
+        return Claim(Outcome.CLAIMED, record_id=record.pk, token=token, taken_over=taken_over)
+
+    def _count_replay(self, record: IdempotencyRecord, now: datetime) -> None:
+        self._records().filter(pk=record.pk).update(
+            replay_count=F("replay_count") + 1, last_replayed_at=now
+        )
+
+    # -- complete / release ---------------------------------------------------------------
+
+    def complete(self, claim: Claim, response: StoredResponse, *, ttl: timedelta | None) -> bool:
+        now = timezone.now()
+        matched = (
+            self._records()
+            .filter(pk=claim.record_id, lease_owner=claim.token, state=State.PROCESSING)
+            .update(
+                state=State.COMPLETED,
+                lease_expires_at=None,
+                response_status=response.status,
+                response_headers=[list(pair) for pair in response.headers],
+                response_body=response.body,
+                completed_at=now,
+                expires_at=_expiry(now, ttl),
+            )
+        )
+        return matched == 1
+
+    def release(self, claim: Claim) -> bool:
+        try:
+            with transaction.atomic(using=self.alias, savepoint=self._in_transaction()):
+                deleted, _ = (
+                    self._records()
+                    .filter(pk=claim.record_id, lease_owner=claim.token, state=State.PROCESSING)
+                    .delete()
+                )
+        except DatabaseError:
+            # The connection may be what failed. The record then stays "processing" and
+            # blocks retries until its lease runs out, which is safe: nothing committed.
+            return False
+        return deleted == 1

@@ -1,0 +1,106 @@
+"""Test settings. The database is chosen by the ``TEST_DATABASE`` environment variable:
+
+* ``sqlite`` (default): a file under the system temp dir, no server needed;
+* ``postgres``: ``PGHOST`` (127.0.0.1), ``PGPORT`` (5432), ``PGUSER`` (postgres),
+  ``PGPASSWORD`` (empty), ``PGDATABASE`` (postgres);
+* ``mariadb``: ``MYSQL_HOST`` (127.0.0.1), ``MYSQL_PORT`` (3306), ``MYSQL_USER`` (root),
+  ``MYSQL_PASSWORD`` (empty), ``MYSQL_DATABASE`` (test). Uses the pure-Python PyMySQL
+  driver, so no client headers are needed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+DATABASE = os.environ.get("TEST_DATABASE", "sqlite")
+
+if DATABASE == "postgres":
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "HOST": os.environ.get("PGHOST", "127.0.0.1"),
+            "PORT": os.environ.get("PGPORT", "5432"),
+            "USER": os.environ.get("PGUSER", "postgres"),
+            "PASSWORD": os.environ.get("PGPASSWORD", ""),
+            "NAME": os.environ.get("PGDATABASE", "postgres"),
+        }
+    }
+elif DATABASE == "mariadb":
+    import pymysql
+
+    pymysql.install_as_MySQLdb()
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.mysql",
+            "HOST": os.environ.get("MYSQL_HOST", "127.0.0.1"),
+            "PORT": os.environ.get("MYSQL_PORT", "3306"),
+            "USER": os.environ.get("MYSQL_USER", "root"),
+            "PASSWORD": os.environ.get("MYSQL_PASSWORD", ""),
+            "NAME": os.environ.get("MYSQL_DATABASE", "test"),
+            "OPTIONS": {"charset": "utf8mb4"},
+            "TEST": {"CHARSET": "utf8mb4", "COLLATION": "utf8mb4_unicode_ci"},
+        }
+    }
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            # A file, not memory: threaded tests need every connection to see one database.
+            "NAME": os.path.join(tempfile.gettempdir(), f"idempotency_django_{os.getpid()}.sqlite3"),
+            "TEST": {
+                "NAME": os.path.join(
+                    tempfile.gettempdir(), f"idempotency_django_test_{os.getpid()}.sqlite3"
+                )
+            },
+            "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
+        }
+    }
+
+SECRET_KEY = "tests-only-not-secret"
+DEBUG = False
+USE_TZ = True
+TIME_ZONE = "UTC"
+ROOT_URLCONF = "tests.testapp.urls"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+ALLOWED_HOSTS = ["*"]
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "rest_framework",
+    "idempotency_django",
+    "tests.testapp",
+]
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.BasicAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+SILENCED_SYSTEM_CHECKS = ["idempotency_django.W001"] if DATABASE == "sqlite" else []
+IDEMPOTENCY: dict[str, object] = {}

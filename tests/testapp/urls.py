@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import include, path
+from django.views.decorators.csrf import csrf_exempt
+from rest_framework.routers import DefaultRouter
+
+from tests.testapp import views
+
+router = DefaultRouter()
+router.register("payments", views.PaymentViewSet)
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("", include(router.urls)),
+    path("required/", views.RequiredKeyView.as_view()),
+    path("authenticated/", views.AuthenticatedView.as_view()),
+    path("throttled/", views.ThrottledView.as_view()),
+    path("wait/", views.WaitView.as_view()),
+    path("forever/", views.ForeverView.as_view()),
+    path("function/", views.function_payment),
+    path("plain/", csrf_exempt(views.plain_payment)),
+]

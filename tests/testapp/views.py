@@ -1,0 +1,144 @@
+"""Endpoints the tests drive. Each committed execution writes one ``Payment`` row.
+
+The request body steers the handler: ``sleep`` (seconds, inside the transaction),
+``outcome`` = ``ok`` | ``error500`` | ``raise`` | ``invalid`` | ``rollback4xx``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from rest_framework import serializers, status, viewsets
+from rest_framework.decorators import action, api_view
+from rest_framework.exceptions import ValidationError
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.throttling import AnonRateThrottle
+from rest_framework.views import APIView
+
+from idempotency_django.decorators import idempotent
+from idempotency_django.mixins import IdempotentMixin
+from tests.testapp.models import Payment
+
+
+class PaymentSerializer(serializers.ModelSerializer[Payment]):
+    class Meta:
+        model = Payment
+        fields = ["id", "reference", "amount", "created_by"]
+
+
+def _act(data: Any, user: Any) -> tuple[int, dict[str, Any]]:
+    """Write one payment, then behave as the body asks."""
+    data = data if isinstance(data, dict) else {}
+    payment = Payment.objects.create(
+        reference=str(data.get("reference", "")),
+        amount=int(data.get("amount", 0) or 0),
+        created_by=str(getattr(user, "username", "") or ""),
+    )
+    time.sleep(float(data.get("sleep", 0) or 0))
+    outcome = data.get("outcome", "ok")
+    if outcome == "error500":
+        return 500, {"detail": "the payment provider failed"}
+    if outcome == "raise":
+        raise RuntimeError("handler crashed")
+    if outcome == "invalid":
+        raise ValidationError({"amount": ["declined"]})
+    if outcome == "reject4xx":
+        return 402, {"detail": "insufficient funds", "payment": payment.pk}
+    return 201, PaymentSerializer(payment).data
+
+
+def _with_headers(response: HttpResponse, payment_id: Any) -> HttpResponse:
+    response["Location"] = f"/payments/{payment_id}/"
+    response["X-Handler"] = "yes"
+    response.set_cookie("handler-cookie", "secret")
+    return response
+
+
+class PaymentViewSet(IdempotentMixin, viewsets.ModelViewSet):  # type: ignore[type-arg]
+    queryset = Payment.objects.all()
+    serializer_class = PaymentSerializer
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        code, body = _act(request.data, request.user)
+        return _with_headers(Response(body, status=code), body.get("id"))  # type: ignore[return-value]
+
+    @action(detail=True, methods=["post"])
+    @idempotent(required=True)
+    def refund(self, request: Request, pk: str | None = None) -> Response:
+        payment = self.get_object()
+        refund = Payment.objects.create(reference=f"refund-{payment.pk}", amount=-payment.amount)
+        return Response({"refund": refund.pk, "of": payment.pk}, status=status.HTTP_201_CREATED)
+
+
+class RequiredKeyView(IdempotentMixin, APIView):
+    idempotency_required = True
+
+    def post(self, request: Request) -> Response:
+        code, body = _act(request.data, request.user)
+        return Response(body, status=code)
+
+
+class AuthenticatedView(IdempotentMixin, APIView):
+    permission_classes = [IsAuthenticated]
+
+    def post(self, request: Request) -> Response:
+        code, body = _act(request.data, request.user)
+        return Response(body, status=code)
+
+
+class OneRequestThrottle(AnonRateThrottle):
+    rate = "1/hour"
+
+    def get_cache_key(self, request: Any, view: Any) -> str:
+        return "throttle-test"
+
+
+class ThrottledView(IdempotentMixin, APIView):
+    throttle_classes = [OneRequestThrottle]
+
+    def post(self, request: Request) -> Response:
+        code, body = _act(request.data, request.user)
+        return Response(body, status=code)
+
+
+class WaitView(IdempotentMixin, APIView):
+    idempotency_conflict = "wait"
+
+    def post(self, request: Request) -> Response:
+        code, body = _act(request.data, request.user)
+        return Response(body, status=code)
+
+
+class ForeverView(IdempotentMixin, APIView):
+    idempotency_ttl = None
+    idempotency_methods = ["POST", "PUT"]
+
+    def post(self, request: Request) -> Response:
+        code, body = _act(request.data, request.user)
+        return Response(body, status=code)
+
+    def put(self, request: Request) -> Response:
+        return self.post(request)
+
+
+@api_view(["GET", "POST"])
+@idempotent
+def function_payment(request: Request) -> Response:
+    if request.method == "GET":
+        return Response({"count": Payment.objects.count()})
+    code, body = _act(request.data, request.user)
+    return Response(body, status=code)
+
+
+@idempotent(required=True, ttl=60)
+def plain_payment(request: HttpRequest) -> HttpResponse:
+    if request.method != "POST":
+        return JsonResponse({"count": Payment.objects.count()})
+    data = json.loads(request.body or b"{}")
+    code, body = _act(data, request.user)
+    return _with_headers(JsonResponse(body, status=code), body.get("id"))
