@@ -20,6 +20,7 @@ How two workers can never both own a key, on every backend:
 from __future__ import annotations
 
 import secrets
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -80,6 +81,13 @@ class DatabaseStorage(BaseStorage):
 
     def _in_transaction(self) -> bool:
         return connections[self.alias].in_atomic_block
+
+    def _statement_savepoint(self) -> AbstractContextManager[Any]:
+        """A savepoint inside an outer transaction, so that a failing statement leaves it
+        usable; nothing in autocommit mode, where the statement is its own transaction."""
+        if self._in_transaction():
+            return transaction.atomic(using=self.alias)
+        return nullcontext()
 
     # -- lookup ---------------------------------------------------------------------------
 
@@ -162,7 +170,7 @@ class DatabaseStorage(BaseStorage):
             # Inside an outer transaction the insert needs its own savepoint so that losing
             # the race leaves the outer transaction usable; in autocommit mode it commits
             # at once, which is what makes the claim visible to concurrent retries.
-            with transaction.atomic(using=self.alias, savepoint=self._in_transaction()):
+            with self._statement_savepoint():
                 record = self._records().create(
                     scope=identity.scope,
                     key=identity.key,
@@ -246,7 +254,7 @@ class DatabaseStorage(BaseStorage):
 
     def release(self, claim: Claim) -> bool:
         try:
-            with transaction.atomic(using=self.alias, savepoint=self._in_transaction()):
+            with self._statement_savepoint():
                 deleted, _ = (
                     self._records()
                     .filter(pk=claim.record_id, lease_owner=claim.token, state=State.PROCESSING)

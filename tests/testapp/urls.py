@@ -13,6 +13,7 @@ router.register("payments", views.PaymentViewSet)
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("", include(router.urls)),
+    path("baseline/", views.AtomicBaselineView.as_view()),
     path("required/", views.RequiredKeyView.as_view()),
     path("authenticated/", views.AuthenticatedView.as_view()),
     path("throttled/", views.ThrottledView.as_view()),

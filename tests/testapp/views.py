@@ -10,6 +10,7 @@ import json
 import time
 from typing import Any
 
+from django.db import transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action, api_view
@@ -73,6 +74,15 @@ class PaymentViewSet(IdempotentMixin, viewsets.ModelViewSet):  # type: ignore[ty
         payment = self.get_object()
         refund = Payment.objects.create(reference=f"refund-{payment.pk}", amount=-payment.amount)
         return Response({"refund": refund.pk, "of": payment.pk}, status=status.HTTP_201_CREATED)
+
+
+class AtomicBaselineView(APIView):
+    """The same handler with no idempotency, inside a transaction: the cost to compare with."""
+
+    def post(self, request: Request) -> Response:
+        with transaction.atomic():
+            code, body = _act(request.data, request.user)
+        return Response(body, status=code)
 
 
 class RequiredKeyView(IdempotentMixin, APIView):
