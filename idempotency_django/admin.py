@@ -32,7 +32,15 @@ class IdempotencyRecordAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         ("Response", {"fields": ("response_status", "response_headers", "response_body")}),
         (
             "Timestamps and counters",
-            {"fields": ("created_at", "completed_at", "expires_at", "replay_count", "last_replayed_at")},
+            {
+                "fields": (
+                    "created_at",
+                    "completed_at",
+                    "expires_at",
+                    "replay_count",
+                    "last_replayed_at",
+                )
+            },
         ),
     )
 

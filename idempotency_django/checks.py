@@ -11,7 +11,13 @@ from django.core.checks import CheckMessage, Error, Warning
 from django.db import connections, router
 from django.utils.module_loading import import_string
 
-from idempotency_django.conf import CONFLICT_CHOICES, DEFAULTS, DURATIONS, IMPORT_STRINGS, SETTING_NAME
+from idempotency_django.conf import (
+    CONFLICT_CHOICES,
+    DEFAULTS,
+    DURATIONS,
+    IMPORT_STRINGS,
+    SETTING_NAME,
+)
 
 _DOC = "See the configuration reference in the idempotency_django documentation."
 
@@ -52,7 +58,9 @@ def check_settings(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
         problem = _type_problem(name, setting)
         if problem:
             messages.append(
-                Error(f"{SETTING_NAME}[{name!r}] {problem}", hint=_DOC, id="idempotency_django.E003")
+                Error(
+                    f"{SETTING_NAME}[{name!r}] {problem}", hint=_DOC, id="idempotency_django.E003"
+                )
             )
         elif name in IMPORT_STRINGS and setting is not None:
             try:
@@ -61,7 +69,8 @@ def check_settings(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
                 messages.append(
                     Error(
                         f"{SETTING_NAME}[{name!r}] = {setting!r} cannot be imported: {error}",
-                        hint="Give the dotted path of a module attribute, e.g. 'myapp.scopes.by_tenant'.",
+                        hint="Give the dotted path of a module attribute, "
+                        "e.g. 'myapp.scopes.by_tenant'.",
                         id="idempotency_django.E004",
                     )
                 )
@@ -81,9 +90,13 @@ def _type_problem(name: str, value: Any) -> str | None:
         return None
     if name in _BOOLS and not isinstance(value, bool):
         return "must be True or False."
-    if name in _POSITIVE_INTS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    if name in _POSITIVE_INTS and (
+        isinstance(value, bool) or not isinstance(value, int) or value < 1
+    ):
         return "must be a positive integer."
-    if name in _HEADER_NAMES and (not isinstance(value, str) or not value or set(value) - _TOKEN_CHARS):
+    if name in _HEADER_NAMES and (
+        not isinstance(value, str) or not value or set(value) - _TOKEN_CHARS
+    ):
         return "must be an HTTP header name."
     if name == "METHODS" and (
         isinstance(value, str)

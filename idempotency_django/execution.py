@@ -135,7 +135,9 @@ def run(request: Any, call: Callable[[], HttpResponseBase], options: Options) ->
     return _execute(storage, claim, call, ttl)
 
 
-def _claim(storage: BaseStorage, identity: RequestIdentity, ttl: timedelta | None, conflict: str) -> Claim:
+def _claim(
+    storage: BaseStorage, identity: RequestIdentity, ttl: timedelta | None, conflict: str
+) -> Claim:
     lease = idempotency_settings.PROCESSING_TIMEOUT
     claim = storage.claim(identity, lease=lease, ttl=ttl)
     if claim.outcome is not Outcome.IN_FLIGHT or conflict != "wait":

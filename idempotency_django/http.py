@@ -6,7 +6,6 @@ import hashlib
 import json
 import math
 from datetime import timedelta
-from typing import Any
 
 import http_sf
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
@@ -221,5 +220,3 @@ def replay_response(stored: StoredResponse) -> HttpResponse:
         response[name] = value
     response[idempotency_settings.REPLAY_HEADER] = "true"
     return response
-
-

@@ -65,13 +65,13 @@ def post(client: APIClient) -> Post:
 
 
 @pytest.fixture
-def idempotency(settings: Any) -> Iterator[Callable[..., None]]:
+def idempotency(settings: Any) -> Callable[..., None]:
     """Change ``IDEMPOTENCY`` keys for one test."""
 
     def _set(**values: Any) -> None:
         settings.IDEMPOTENCY = {**getattr(settings, "IDEMPOTENCY", {}), **values}
 
-    yield _set
+    return _set
 
 
 @pytest.fixture

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Any
 
 DATABASE = os.environ.get("TEST_DATABASE", "sqlite")
 
 if DATABASE == "postgres":
-    DATABASES = {
+    DATABASES: dict[str, dict[str, Any]] = {
         "default": {
             "ENGINE": "django.db.backends.postgresql",
             "HOST": os.environ.get("PGHOST", "127.0.0.1"),
@@ -47,7 +48,9 @@ else:
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             # A file, not memory: threaded tests need every connection to see one database.
-            "NAME": os.path.join(tempfile.gettempdir(), f"idempotency_django_{os.getpid()}.sqlite3"),
+            "NAME": os.path.join(
+                tempfile.gettempdir(), f"idempotency_django_{os.getpid()}.sqlite3"
+            ),
             "TEST": {
                 "NAME": os.path.join(
                     tempfile.gettempdir(), f"idempotency_django_test_{os.getpid()}.sqlite3"

@@ -68,7 +68,9 @@ def test_dead_worker_record_is_answered_409_then_taken_over(post):
     post("/payments/", BODY, "k1")
     Payment.objects.all().delete()
     IdempotencyRecord.objects.update(
-        state="processing", lease_owner="dead", lease_expires_at=timezone.now() + timedelta(seconds=30)
+        state="processing",
+        lease_owner="dead",
+        lease_expires_at=timezone.now() + timedelta(seconds=30),
     )
     assert post("/payments/", BODY, "k1").status_code == 409
     IdempotencyRecord.objects.update(lease_expires_at=timezone.now() - timedelta(seconds=1))

@@ -104,7 +104,10 @@ def test_first_request_adds_at_most_four_queries(post):
     assert len(idempotent) - len(baseline) <= 4
     statements = [query["sql"].split()[0] for query in idempotent.captured_queries]
     assert [s for s in statements if s in ("SELECT", "INSERT", "UPDATE")] == [
-        "SELECT", "INSERT", "INSERT", "UPDATE"
+        "SELECT",
+        "INSERT",
+        "INSERT",
+        "UPDATE",
     ]
 
 

@@ -75,7 +75,9 @@ def test_malformed_key_returns_400_problem(post, value, reason):
     problem = response.json()
     assert problem["code"] == "idempotency_key_invalid"
     assert problem["status"] == 400
-    assert problem["title"] and problem["detail"] and problem["type"]
+    assert problem["title"]
+    assert problem["detail"]
+    assert problem["type"]
     assert Payment.objects.count() == 0
     assert not IdempotencyRecord.objects.exists()
 

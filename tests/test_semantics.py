@@ -57,8 +57,13 @@ def test_set_cookie_is_never_stored_nor_replayed(post):
 
 
 def test_request_headers_and_body_are_never_stored(post, user):
-    post("/payments/", {"reference": "secret-card-4242", "amount": 1}, "k1",
-         HTTP_AUTHORIZATION="Basic YWxpY2U6cHc=", HTTP_COOKIE="sessionid=abc")
+    post(
+        "/payments/",
+        {"reference": "secret-card-4242", "amount": 1},
+        "k1",
+        HTTP_AUTHORIZATION="Basic YWxpY2U6cHc=",
+        HTTP_COOKIE="sessionid=abc",
+    )
     record = IdempotencyRecord.objects.get()
     stored = json.dumps(record.response_headers) + record.fingerprint + record.path
     assert "YWxpY2U6cHc" not in stored
@@ -104,8 +109,9 @@ def test_json_key_order_and_whitespace_do_not_change_the_fingerprint(client, pos
 
 def test_non_json_bodies_are_compared_byte_for_byte(client):
     def send(body):
-        return client.post("/function/", data=body, content_type="text/plain",
-                           HTTP_IDEMPOTENCY_KEY="k1")
+        return client.post(
+            "/function/", data=body, content_type="text/plain", HTTP_IDEMPOTENCY_KEY="k1"
+        )
 
     assert send(b"a=1").status_code in (201, 415)
     assert send(b"a=1 ").status_code == 422
@@ -116,11 +122,12 @@ def test_query_string_is_part_of_the_fingerprint(post):
     assert post("/payments/?account=2", BODY, "k1").status_code == 422
 
 
-
 def test_in_flight_key_returns_409_with_retry_after(post):
     post("/payments/", BODY, "k1")
     IdempotencyRecord.objects.update(
-        state="processing", lease_owner="other", lease_expires_at=timezone.now() + timedelta(seconds=30)
+        state="processing",
+        lease_owner="other",
+        lease_expires_at=timezone.now() + timedelta(seconds=30),
     )
     response = post("/payments/", BODY, "k1")
     assert response.status_code == 409
@@ -133,7 +140,9 @@ def test_in_flight_record_past_processing_timeout_is_taken_over(post):
     post("/payments/", BODY, "k1")
     Payment.objects.all().delete()  # the dead worker's writes never committed
     IdempotencyRecord.objects.update(
-        state="processing", lease_owner="dead", lease_expires_at=timezone.now() - timedelta(seconds=1)
+        state="processing",
+        lease_owner="dead",
+        lease_expires_at=timezone.now() - timedelta(seconds=1),
     )
     response = post("/payments/", BODY, "k1")
     assert response.status_code == 201
@@ -146,7 +155,9 @@ def test_in_flight_record_past_processing_timeout_is_taken_over(post):
 
 def test_expired_record_behaves_as_absent(post):
     post("/payments/", BODY, "k1")
-    IdempotencyRecord.objects.update(expires_at=timezone.now() - timedelta(seconds=1), replay_count=3)
+    IdempotencyRecord.objects.update(
+        expires_at=timezone.now() - timedelta(seconds=1), replay_count=3
+    )
     response = post("/payments/", {**BODY, "amount": 7}, "k1")
     assert response.status_code == 201
     assert "Idempotent-Replayed" not in response.headers
@@ -161,7 +172,9 @@ def test_completed_record_expires_after_ttl(post, idempotency):
     before = timezone.now()
     post("/payments/", BODY, "k1")
     record = IdempotencyRecord.objects.get()
-    assert before + timedelta(minutes=5) <= record.expires_at <= timezone.now() + timedelta(minutes=5)
+    assert (
+        before + timedelta(minutes=5) <= record.expires_at <= timezone.now() + timedelta(minutes=5)
+    )
 
 
 def test_ttl_none_keeps_records_forever(post):
@@ -271,8 +284,12 @@ def test_methods_setting_limits_which_methods_are_idempotent(post, idempotency):
 def test_custom_header_and_replay_header_names(client, idempotency):
     idempotency(HEADER="X-Request-Key", REPLAY_HEADER="X-Replayed")
     for _ in range(2):
-        response = client.post("/payments/", data=json.dumps(BODY), content_type="application/json",
-                               HTTP_X_REQUEST_KEY="k1")
+        response = client.post(
+            "/payments/",
+            data=json.dumps(BODY),
+            content_type="application/json",
+            HTTP_X_REQUEST_KEY="k1",
+        )
     assert response.headers["X-Replayed"] == "true"
     assert Payment.objects.count() == 1
 
@@ -314,7 +331,10 @@ def test_custom_scope_function(post, idempotency):
     post("/payments/", BODY, "k1", HTTP_X_TENANT="acme")
     post("/payments/", BODY, "k1", HTTP_X_TENANT="globex")
     assert Payment.objects.count() == 2
-    assert set(IdempotencyRecord.objects.values_list("scope", flat=True)) == {"tenant:acme", "tenant:globex"}
+    assert set(IdempotencyRecord.objects.values_list("scope", flat=True)) == {
+        "tenant:acme",
+        "tenant:globex",
+    }
 
 
 def test_custom_fingerprint_function(post, idempotency):

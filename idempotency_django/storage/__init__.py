@@ -18,7 +18,7 @@ _instances: dict[type, BaseStorage] = {}
 
 def get_storage() -> BaseStorage:
     """The configured storage, instantiated once per class."""
-    cls = idempotency_settings.STORAGE
+    cls: type[BaseStorage] = idempotency_settings.STORAGE
     try:
         return _instances[cls]
     except KeyError:

@@ -91,7 +91,9 @@ class DatabaseStorage(BaseStorage):
 
     # -- lookup ---------------------------------------------------------------------------
 
-    def _get(self, identity: RequestIdentity, *, share_lock: bool = False) -> IdempotencyRecord | None:
+    def _get(
+        self, identity: RequestIdentity, *, share_lock: bool = False
+    ) -> IdempotencyRecord | None:
         queryset = self._records().filter(scope=identity.scope, key=identity.key)
         suffix = _SHARE_LOCK_SQL.get(connections[self.alias].vendor, "") if share_lock else ""
         if not suffix:
@@ -237,7 +239,7 @@ class DatabaseStorage(BaseStorage):
 
     def complete(self, claim: Claim, response: StoredResponse, *, ttl: timedelta | None) -> bool:
         now = timezone.now()
-        matched = (
+        matched: int = (
             self._records()
             .filter(pk=claim.record_id, lease_owner=claim.token, state=State.PROCESSING)
             .update(
@@ -250,7 +252,7 @@ class DatabaseStorage(BaseStorage):
                 expires_at=_expiry(now, ttl),
             )
         )
-        return matched == 1
+        return bool(matched == 1)
 
     def release(self, claim: Claim) -> bool:
         try:
@@ -264,4 +266,4 @@ class DatabaseStorage(BaseStorage):
             # The connection may be what failed. The record then stays "processing" and
             # blocks retries until its lease runs out, which is safe: nothing committed.
             return False
-        return deleted == 1
+        return bool(deleted == 1)

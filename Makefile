@@ -1,0 +1,45 @@
+# The two commands: `make demo` and `make test`. Everything else is for contributors.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-sqlite test-postgres test-mariadb lint typecheck tox clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+## demo: set up the example project on SQLite and run the scripted tour against it.
+demo: $(STAMP)
+	$(BIN)/python example_project/demo.py
+
+## test: the suite on SQLite, then on PostgreSQL and MariaDB when they are reachable
+## (set REQUIRE_SERVER_DATABASES=1 to fail instead of skipping an unreachable one).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+	$(BIN)/python tests/run_server_databases.py
+
+test-sqlite: $(STAMP)
+	TEST_DATABASE=sqlite $(BIN)/python -m pytest -q
+
+test-postgres: $(STAMP)
+	TEST_DATABASE=postgres $(BIN)/python -m pytest -q
+
+test-mariadb: $(STAMP)
+	TEST_DATABASE=mariadb $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy idempotency_django
+
+tox: $(STAMP)
+	$(BIN)/tox run-parallel --parallel 2
+
+clean:
+	rm -rf $(VENV) .tox .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info

@@ -1,0 +1,87 @@
+"""The payments API: every money-moving endpoint is idempotent."""
+
+import time
+
+from django.db.models import F
+from rest_framework import serializers, status, viewsets
+from rest_framework.decorators import action, api_view
+from rest_framework.exceptions import APIException
+from rest_framework.response import Response
+
+from idempotency_django.decorators import idempotent
+from idempotency_django.mixins import IdempotentMixin
+from payments.models import Account, Transfer
+
+
+class ProviderUnavailable(APIException):
+    status_code = 502
+    default_detail = "The payment provider did not answer."
+
+
+class AccountSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Account
+        fields = ["id", "name", "balance"]
+
+
+class TransferSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Transfer
+        fields = ["id", "source", "target", "amount", "refunded", "created_at"]
+        read_only_fields = ["refunded", "created_at"]
+
+    def validate(self, attrs):
+        if attrs["source"] == attrs["target"]:
+            raise serializers.ValidationError("source and target must differ")
+        if attrs["source"].balance < attrs["amount"]:
+            raise serializers.ValidationError("insufficient funds")
+        return attrs
+
+
+def _simulate(request):
+    """Demo hooks, outside the fingerprint: slow provider, failing provider."""
+    time.sleep(float(request.headers.get("X-Simulate-Latency", 0)))
+    if request.headers.get("X-Simulate-Failure"):
+        raise ProviderUnavailable()
+
+
+class AccountViewSet(viewsets.ReadOnlyModelViewSet):
+    queryset = Account.objects.order_by("id")
+    serializer_class = AccountSerializer
+
+
+class TransferViewSet(IdempotentMixin, viewsets.ModelViewSet):
+    """POST /api/transfers/ moves money once per Idempotency-Key."""
+
+    queryset = Transfer.objects.select_related("source", "target")
+    serializer_class = TransferSerializer
+    http_method_names = ["get", "post", "head", "options"]
+
+    def perform_create(self, serializer):
+        transfer = serializer.save()
+        Account.objects.filter(pk=transfer.source_id).update(balance=F("balance") - transfer.amount)
+        Account.objects.filter(pk=transfer.target_id).update(balance=F("balance") + transfer.amount)
+        _simulate(self.request)
+
+    @action(detail=True, methods=["post"])
+    @idempotent(required=True)
+    def refund(self, request, pk=None):
+        transfer = self.get_object()
+        if transfer.refunded:
+            return Response({"detail": "already refunded"}, status=status.HTTP_400_BAD_REQUEST)
+        Account.objects.filter(pk=transfer.source_id).update(balance=F("balance") + transfer.amount)
+        Account.objects.filter(pk=transfer.target_id).update(balance=F("balance") - transfer.amount)
+        transfer.refunded = True
+        transfer.save(update_fields=["refunded"])
+        return Response({"refunded": transfer.pk}, status=status.HTTP_201_CREATED)
+
+
+@api_view(["POST"])
+@idempotent
+def deposit(request):
+    """POST /api/deposit/ {"account": id, "amount": cents}"""
+    account = Account.objects.get(pk=request.data["account"])
+    Account.objects.filter(pk=account.pk).update(balance=F("balance") + int(request.data["amount"]))
+    _simulate(request)
+    account.refresh_from_db()
+    return Response(AccountSerializer(account).data, status=status.HTTP_201_CREATED)

@@ -1,0 +1,187 @@
+"""Settings object, system checks, model hygiene and the read-only admin."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from io import StringIO
+
+import pytest
+from django.core.checks import Error, Warning
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+
+from idempotency_django.checks import check_settings
+from idempotency_django.conf import DEFAULTS, idempotency_settings
+from idempotency_django.models import IdempotencyRecord
+from tests.factories import IdempotencyRecordFactory
+
+
+def _ids(messages):
+    return [message.id for message in messages]
+
+
+def test_defaults_apply_without_any_setting(settings):
+    del settings.IDEMPOTENCY
+    assert idempotency_settings.HEADER == "Idempotency-Key"
+    assert idempotency_settings.METHODS == ["POST", "PATCH"]
+    assert idempotency_settings.REQUIRED is False
+    assert timedelta(hours=24) == idempotency_settings.TTL
+    assert idempotency_settings.CONFLICT == "reject"
+    assert idempotency_settings.MAX_KEY_LENGTH == 255
+    assert idempotency_settings.REPLAY_HEADER == "Idempotent-Replayed"
+
+
+def test_settings_reload_on_setting_changed(settings):
+    settings.IDEMPOTENCY = {"TTL": 60}
+    assert timedelta(seconds=60) == idempotency_settings.TTL
+    settings.IDEMPOTENCY = {"TTL": None}
+    assert idempotency_settings.TTL is None
+
+
+def test_defaults_are_not_written_into_django_settings(settings):
+    settings.IDEMPOTENCY = {}
+    _ = idempotency_settings.HEADER
+    assert settings.IDEMPOTENCY == {}
+
+
+def test_dotted_paths_are_imported(settings):
+    settings.IDEMPOTENCY = {"SCOPE": "tests.scopes.by_tenant_header"}
+    from tests.scopes import by_tenant_header
+
+    assert idempotency_settings.SCOPE is by_tenant_header
+
+
+def test_unknown_attribute_raises():
+    with pytest.raises(AttributeError):
+        idempotency_settings.NOT_A_SETTING  # noqa: B018
+
+
+def test_valid_settings_pass_the_checks(settings):
+    settings.IDEMPOTENCY = {
+        "TTL": timedelta(days=1),
+        "PROCESSING_TIMEOUT": 30,
+        "CONFLICT": "wait",
+        "METHODS": ["POST"],
+        "SCOPE": "tests.scopes.by_tenant_header",
+    }
+    assert [m for m in check_settings() if isinstance(m, Error)] == []
+
+
+def test_e001_setting_is_not_a_dict(settings):
+    settings.IDEMPOTENCY = ["TTL"]
+    messages = check_settings()
+    assert _ids(messages) == ["idempotency_django.E001"]
+    assert messages[0].hint
+
+
+def test_e002_unknown_key_is_an_error(settings):
+    settings.IDEMPOTENCY = {"TIMEOUT": 5}
+    messages = [m for m in check_settings() if m.id == "idempotency_django.E002"]
+    assert len(messages) == 1
+    assert "TIMEOUT" in messages[0].msg
+    assert "PROCESSING_TIMEOUT" in messages[0].hint
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("TTL", "1 day"),
+        ("TTL", -5),
+        ("PROCESSING_TIMEOUT", None),
+        ("WAIT_TIMEOUT", True),
+        ("REQUIRED", "yes"),
+        ("MAX_KEY_LENGTH", 0),
+        ("METHODS", "POST"),
+        ("METHODS", [1]),
+        ("CONFLICT", "queue"),
+        ("HEADER", "Idempotency Key"),
+        ("REPLAY_HEADER", ""),
+        ("STORAGE", 42),
+    ],
+)
+def test_e003_wrong_type_or_value_is_an_error(settings, name, value):
+    settings.IDEMPOTENCY = {name: value}
+    messages = [m for m in check_settings() if m.id == "idempotency_django.E003"]
+    assert len(messages) == 1
+    assert name in messages[0].msg
+    assert messages[0].hint
+
+
+@pytest.mark.parametrize("name", ["SCOPE", "FINGERPRINT", "STORAGE"])
+def test_e004_unimportable_dotted_path_is_an_error(settings, name):
+    settings.IDEMPOTENCY = {name: "nowhere.to_be.found"}
+    messages = check_settings()
+    assert _ids(messages).count("idempotency_django.E004") == 1
+
+
+def test_w001_sqlite_warns_about_concurrency(settings):
+    settings.IDEMPOTENCY = {}
+    from django.db import connection
+
+    ids = _ids(check_settings())
+    assert ("idempotency_django.W001" in ids) == (connection.vendor == "sqlite")
+
+
+def test_w002_ttl_not_longer_than_processing_timeout(settings):
+    settings.IDEMPOTENCY = {"TTL": 30, "PROCESSING_TIMEOUT": 60}
+    messages = [m for m in check_settings() if m.id == "idempotency_django.W002"]
+    assert len(messages) == 1
+    assert isinstance(messages[0], Warning)
+
+
+def test_check_command_fails_on_a_bad_setting(settings):
+    settings.IDEMPOTENCY = {"CONFLICT": "queue"}
+    with pytest.raises(SystemCheckError, match=r"idempotency_django\.E003"):
+        call_command("check")
+
+
+@pytest.mark.django_db
+def test_migrations_are_up_to_date():
+    call_command("makemigrations", "idempotency_django", "--check", "--dry-run", stdout=StringIO())
+
+
+def test_every_default_is_documented_in_settings_docs():
+    from pathlib import Path
+
+    reference = (Path(__file__).parent.parent / "docs" / "settings.md").read_text()
+    for name in DEFAULTS:
+        assert f"`{name}`" in reference, name
+
+
+@pytest.mark.django_db
+def test_record_str_and_ordering():
+    old = IdempotencyRecordFactory(key="old")
+    new = IdempotencyRecordFactory(key="new")
+    IdempotencyRecord.objects.filter(pk=old.pk).update(
+        created_at=new.created_at - timedelta(hours=1)
+    )
+    assert list(IdempotencyRecord.objects.all()) == [new, IdempotencyRecord.objects.get(pk=old.pk)]
+    assert str(new) == "new (anonymous, completed)"
+
+
+@pytest.mark.django_db
+def test_unique_constraint_on_scope_and_key():
+    from django.db import IntegrityError, transaction
+
+    IdempotencyRecordFactory(key="k", scope="s")
+    IdempotencyRecordFactory(key="k", scope="t")
+    with pytest.raises(IntegrityError), transaction.atomic():
+        IdempotencyRecordFactory(key="k", scope="s")
+
+
+@pytest.mark.django_db
+def test_admin_is_read_only(admin_client):
+    record = IdempotencyRecordFactory(key="admin-key")
+    changelist = admin_client.get("/admin/idempotency_django/idempotencyrecord/")
+    assert changelist.status_code == 200
+    assert b"admin-key" in changelist.content
+    assert admin_client.get("/admin/idempotency_django/idempotencyrecord/add/").status_code == 403
+    change = admin_client.get(f"/admin/idempotency_django/idempotencyrecord/{record.pk}/change/")
+    assert change.status_code == 200
+    assert b'name="key"' not in change.content  # shown, not editable
+    posted = admin_client.post(
+        f"/admin/idempotency_django/idempotencyrecord/{record.pk}/change/", {"key": "changed"}
+    )
+    assert posted.status_code == 403
+    record.refresh_from_db()
+    assert record.key == "admin-key"
