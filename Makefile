@@ -38,8 +38,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy idempotency_django
 
+# Every pyenv-installed 3.11/3.12/3.13 on PATH, so tox finds the whole matrix.
+PYENV_BINS := $(shell root=$$(pyenv root 2>/dev/null) && for v in 3.13 3.12 3.11; do \
+	d=$$(ls -d "$$root"/versions/$$v.* 2>/dev/null | tail -n 1); [ -n "$$d" ] && printf '%s/bin:' "$$d"; done)
+
+## tox: the Python x Django matrix on SQLite (interpreters that are missing are skipped).
 tox: $(STAMP)
-	$(BIN)/tox run-parallel --parallel 2
+	PATH="$(PYENV_BINS)$$PATH" $(BIN)/tox run-parallel --parallel 2 --parallel-no-spinner
 
 clean:
 	rm -rf $(VENV) .tox .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info

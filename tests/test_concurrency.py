@@ -213,3 +213,28 @@ def test_completion_and_takeover_race_leaves_exactly_one_execution(idempotency):
         record = IdempotencyRecord.objects.filter(key=f"tk-{k}").first()
         committed = Payment.objects.filter(reference=f"t{k}").count()
         assert (record is not None and record.state == "completed") == (committed == 1)
+
+
+@server_db
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("atomic_requests")
+def test_lock_timeout_while_waiting_inside_atomic_requests_is_answered_409():
+    from django.db.backends.signals import connection_created
+
+    def short_lock_timeout(sender, connection, **kwargs):
+        with connection.cursor() as cursor:
+            if connection.vendor == "postgresql":
+                cursor.execute("SET lock_timeout = '300ms'")
+            else:
+                cursor.execute("SET SESSION innodb_lock_wait_timeout = 1")
+
+    connection_created.connect(short_lock_timeout)
+    try:
+        slow = {**BODY, "sleep": 2.5}
+        original, retry = race([("/payments/", slow, "lock-1"), ("/payments/", slow, "lock-1")], stagger=0.3)
+    finally:
+        connection_created.disconnect(short_lock_timeout)
+    assert original.status == 201
+    assert retry.status == 409
+    assert retry.code == "idempotency_key_in_use"
+    assert Payment.objects.count() == 1

@@ -129,6 +129,7 @@ def test_w002_ttl_not_longer_than_processing_timeout(settings):
     assert isinstance(messages[0], Warning)
 
 
+@pytest.mark.django_db
 def test_check_command_fails_on_a_bad_setting(settings):
     settings.IDEMPOTENCY = {"CONFLICT": "queue"}
     with pytest.raises(SystemCheckError, match=r"idempotency_django\.E003"):

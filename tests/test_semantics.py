@@ -6,6 +6,7 @@ import json
 from datetime import timedelta
 
 import pytest
+from django.db import connections
 from django.utils import timezone
 
 from idempotency_django.models import IdempotencyRecord
@@ -372,3 +373,97 @@ def test_throttled_request_never_touches_the_store(post, settings):
     assert throttled.status_code == 429
     assert IdempotencyRecord.objects.get().replay_count == 0
     cache.clear()
+
+
+def test_user_never_gets_422_caused_by_another_users_key(post, user, other_user):
+    from rest_framework.test import APIClient
+
+    alice, bob = APIClient(), APIClient()
+    alice.force_authenticate(user)
+    bob.force_authenticate(other_user)
+    post("/payments/", BODY, "shared", via=alice)
+    response = post("/payments/", {"reference": "bob's own", "amount": 1}, "shared", via=bob)
+    assert response.status_code == 201
+    assert response.json()["reference"] == "bob's own"
+
+
+def test_generic_api_view_with_mixin_replays(post):
+    first = post("/generic/", BODY, "k1")
+    retry = post("/generic/", BODY, "k1")
+    assert first.status_code == 201
+    assert retry.content == first.content
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    assert Payment.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_wait_mode_answers_409_after_wait_timeout(post, idempotency):
+    import time
+
+    idempotency(WAIT_TIMEOUT=0.3)
+    post("/wait/", BODY, "k1")
+    IdempotencyRecord.objects.update(
+        state="processing",
+        lease_owner="other",
+        lease_expires_at=timezone.now() + timedelta(seconds=30),
+    )
+    started = time.monotonic()
+    response = post("/wait/", BODY, "k1")
+    waited = time.monotonic() - started
+    assert response.status_code == 409
+    assert response.json()["code"] == "idempotency_key_in_use"
+    assert 0.3 <= waited < 3
+    assert Payment.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_wait_mode_executes_once_the_waited_for_record_is_released(post, idempotency):
+    import threading
+
+    idempotency(WAIT_TIMEOUT=5)
+    post("/wait/", BODY, "k1")
+    Payment.objects.all().delete()
+    IdempotencyRecord.objects.update(
+        state="processing",
+        lease_owner="other",
+        lease_expires_at=timezone.now() + timedelta(seconds=30),
+    )
+
+    def original_fails_and_releases_the_key():
+        try:
+            IdempotencyRecord.objects.all().delete()
+        finally:
+            connections.close_all()
+
+    release = threading.Timer(0.3, original_fails_and_releases_the_key)
+    release.start()
+    response = post("/wait/", BODY, "k1")
+    release.join()
+    assert response.status_code == 201
+    assert "Idempotent-Replayed" not in response.headers
+    assert Payment.objects.count() == 1
+
+
+def test_hop_by_hop_and_cookie_headers_are_not_captured():
+    from django.http import HttpResponse
+
+    from idempotency_django.http import capture
+
+    response = HttpResponse(b"ok", status=201)
+    response["Keep-Alive"] = "timeout=5"
+    response["Transfer-Encoding"] = "chunked"
+    response["X-Kept"] = "1"
+    response.set_cookie("c", "v")
+    _, stored = capture(response)
+    names = {name.lower() for name, _ in stored.headers}
+    assert names == {"content-type", "x-kept"}
+
+
+def test_streaming_response_is_stored_whole():
+    from django.http import StreamingHttpResponse
+
+    from idempotency_django.http import capture
+
+    response, stored = capture(StreamingHttpResponse(iter([b"a", b"b"]), status=201))
+    assert stored.body == b"ab"
+    assert response.content == b"ab"

@@ -49,6 +49,25 @@ MAX_CLAIM_ATTEMPTS = 5
 _SHARE_LOCK_SQL = {"mysql": " LOCK IN SHARE MODE", "postgresql": " FOR SHARE"}
 
 
+# Errors that mean "another transaction holds the lock", by driver error code:
+# PostgreSQL SQLSTATEs deadlock_detected, lock_not_available, serialization_failure;
+# MySQL/MariaDB ER_LOCK_WAIT_TIMEOUT and ER_LOCK_DEADLOCK.
+_LOCK_SQLSTATES = frozenset({"40P01", "55P03", "40001"})
+_LOCK_MYSQL_CODES = frozenset({1205, 1213})
+
+
+def is_lock_conflict(error: DatabaseError) -> bool:
+    """Whether ``error`` reports a lock wait that timed out or a deadlock."""
+    cause = error.__cause__ or error
+    if getattr(cause, "sqlstate", None) in _LOCK_SQLSTATES:
+        return True
+    args = getattr(cause, "args", ())
+    if args and args[0] in _LOCK_MYSQL_CODES:
+        return True
+    # SQLite: another connection holds the database lock past the busy timeout.
+    return "database is locked" in str(cause)
+
+
 def _new_token() -> str:
     return secrets.token_hex(16)
 
@@ -111,6 +130,20 @@ class DatabaseStorage(BaseStorage):
     # -- claim ----------------------------------------------------------------------------
 
     def claim(self, identity: RequestIdentity, *, lease: timedelta, ttl: timedelta | None) -> Claim:
+        try:
+            return self._claim(identity, lease=lease, ttl=ttl)
+        except DatabaseError as error:
+            if not is_lock_conflict(error):
+                raise
+            # The race was lost to a lock timeout or a deadlock (possible when requests wait
+            # on each other inside ATOMIC_REQUESTS transactions): that is a key in use, not a
+            # server error. The database may have aborted the outer transaction, so it is
+            # marked for rollback; this request wrote nothing worth keeping.
+            if self._in_transaction():
+                transaction.set_rollback(True, using=self.alias)
+            return Claim(Outcome.IN_FLIGHT, retry_after=timedelta(seconds=1))
+
+    def _claim(self, identity: RequestIdentity, *, lease: timedelta, ttl: timedelta | None) -> Claim:
         insert_failed = False
         retry_after = lease
         for _attempt in range(MAX_CLAIM_ATTEMPTS):

@@ -14,6 +14,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("", include(router.urls)),
     path("baseline/", views.AtomicBaselineView.as_view()),
+    path("generic/", views.GenericCreateView.as_view()),
     path("required/", views.RequiredKeyView.as_view()),
     path("authenticated/", views.AuthenticatedView.as_view()),
     path("throttled/", views.ThrottledView.as_view()),

@@ -12,7 +12,7 @@ from typing import Any
 
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from rest_framework import serializers, status, viewsets
+from rest_framework import generics, serializers, status, viewsets
 from rest_framework.decorators import action, api_view
 from rest_framework.exceptions import ValidationError
 from rest_framework.permissions import IsAuthenticated
@@ -83,6 +83,10 @@ class AtomicBaselineView(APIView):
         with transaction.atomic():
             code, body = _act(request.data, request.user)
         return Response(body, status=code)
+
+
+class GenericCreateView(IdempotentMixin, generics.CreateAPIView):  # type: ignore[type-arg]
+    serializer_class = PaymentSerializer
 
 
 class RequiredKeyView(IdempotentMixin, APIView):
