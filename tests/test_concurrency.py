@@ -231,7 +231,9 @@ def test_lock_timeout_while_waiting_inside_atomic_requests_is_answered_409():
     connection_created.connect(short_lock_timeout)
     try:
         slow = {**BODY, "sleep": 2.5}
-        original, retry = race([("/payments/", slow, "lock-1"), ("/payments/", slow, "lock-1")], stagger=0.3)
+        original, retry = race(
+            [("/payments/", slow, "lock-1"), ("/payments/", slow, "lock-1")], stagger=0.3
+        )
     finally:
         connection_created.disconnect(short_lock_timeout)
     assert original.status == 201

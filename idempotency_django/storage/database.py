@@ -143,7 +143,9 @@ class DatabaseStorage(BaseStorage):
                 transaction.set_rollback(True, using=self.alias)
             return Claim(Outcome.IN_FLIGHT, retry_after=timedelta(seconds=1))
 
-    def _claim(self, identity: RequestIdentity, *, lease: timedelta, ttl: timedelta | None) -> Claim:
+    def _claim(
+        self, identity: RequestIdentity, *, lease: timedelta, ttl: timedelta | None
+    ) -> Claim:
         insert_failed = False
         retry_after = lease
         for _attempt in range(MAX_CLAIM_ATTEMPTS):
