@@ -4,6 +4,7 @@ transaction with the record's completion, or answer from the store."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from django.http import HttpRequest, HttpResponseBase
 from django.http.request import RawPostDataException
 
 from idempotency_django import http
-from idempotency_django.conf import idempotency_settings
+from idempotency_django.conf import idempotency_settings, to_timedelta
 from idempotency_django.storage import BaseStorage, Claim, Outcome, RequestIdentity, get_storage
 
 logger = logging.getLogger("idempotency_django")
@@ -52,8 +53,6 @@ class Options:
         return bool(idempotency_settings.REQUIRED if self.required is None else self.required)
 
     def resolved_ttl(self) -> timedelta | None:
-        from idempotency_django.conf import to_timedelta
-
         return idempotency_settings.TTL if self.ttl is USE_SETTING else to_timedelta(self.ttl)
 
     def resolved_conflict(self) -> str:
@@ -84,8 +83,6 @@ def request_body(request: Any) -> bytes:
     except RawPostDataException:
         # The stream was consumed (e.g. ``request.data`` read by a permission class):
         # fingerprint the parsed data instead, which DRF still holds.
-        import json
-
         return json.dumps(getattr(request, "data", None), sort_keys=True, default=str).encode()
 
 
