@@ -104,6 +104,10 @@ def _type_problem(name: str, value: Any) -> str | None:
         or not all(isinstance(method, str) and method for method in value)
     ):
         return "must be a list of HTTP method names, e.g. ['POST', 'PATCH']."
+    if name == "CLEANUP_PROBABILITY" and (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1
+    ):
+        return "must be a number from 0 to 1."
     if name == "CONFLICT" and value not in CONFLICT_CHOICES:
         return f"must be one of {', '.join(map(repr, CONFLICT_CHOICES))}."
     if name in IMPORT_STRINGS and value is not None and not isinstance(value, str):

@@ -41,6 +41,9 @@ DEFAULTS: dict[str, Any] = {
     "REPLAY_HEADER": "Idempotent-Replayed",
     # Dotted path to a storage class; the database storage is the default.
     "STORAGE": "idempotency_django.storage.database.DatabaseStorage",
+    # For deployments without Celery beat: the fraction of executed requests (0.0 to 1.0)
+    # after which one small batch of expired records is deleted. 0 disables it.
+    "CLEANUP_PROBABILITY": 0.0,
 }
 
 # Settings holding a dotted path that is imported on first access.

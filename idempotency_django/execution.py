@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ from django.db import connections, transaction
 from django.http import HttpRequest, HttpResponseBase
 from django.http.request import RawPostDataException
 
-from idempotency_django import http
+from idempotency_django import http, signals
 from idempotency_django.conf import idempotency_settings, to_timedelta
+from idempotency_django.models import IdempotencyRecord
 from idempotency_django.storage import BaseStorage, Claim, Outcome, RequestIdentity, get_storage
 
 logger = logging.getLogger("idempotency_django")
@@ -106,30 +108,44 @@ def run(request: Any, call: Callable[[], HttpResponseBase], options: Options) ->
             method=method,
             path=request.get_full_path(),
         )
-        storage = get_storage()
-        ttl = options.resolved_ttl()
-        claim = _claim(storage, identity, ttl, options.resolved_conflict())
-        if claim.outcome is Outcome.MISMATCH:
-            raise http.KeyMismatch(
-                "This key was already used with a different request (method, path or body). "
-                "Use a new key for a new request."
-            )
-        if claim.outcome is Outcome.IN_FLIGHT:
-            raise http.in_use(claim.retry_after)
     except http.IdempotencyError as error:
         logger.info("idempotency %s: %s", error.code, error.detail)
         return error.response()
+    storage = get_storage()
+    ttl = options.resolved_ttl()
+    claim = _claim(storage, identity, ttl, options.resolved_conflict())
+    context = {"sender": IdempotencyRecord, "request": request, **_names(identity)}
+    if claim.outcome is Outcome.MISMATCH:
+        logger.info("idempotency key %(key)r in scope %(scope)r reused with another body", context)
+        signals.mismatch.send(**context)
+        return http.KeyMismatch(
+            "This key was already used with a different request (method, path or body). "
+            "Use a new key for a new request."
+        ).response()
+    if claim.outcome is Outcome.IN_FLIGHT:
+        storage.note_conflict(claim)
+        in_use = http.in_use(claim.retry_after)
+        logger.info("idempotency key %(key)r in scope %(scope)r is in flight: 409", context)
+        signals.conflict.send(**context, retry_after=int(in_use.headers["Retry-After"]))
+        return in_use.response()
     if claim.outcome is Outcome.REPLAY:
         assert claim.response is not None
-        logger.debug("idempotency replay of key %r in scope %r", identity.key, identity.scope)
+        logger.debug("idempotency key %(key)r in scope %(scope)r replayed", context)
+        signals.replayed.send(**context, status=claim.response.status)
         return http.replay_response(claim.response)
     if claim.taken_over:
         logger.warning(
-            "idempotency key %r in scope %r taken over after its lease ran out",
-            identity.key,
-            identity.scope,
+            "idempotency key %(key)r in scope %(scope)r taken over after its lease ran out",
+            context,
         )
-    return _execute(storage, claim, call, ttl)
+        signals.taken_over.send(**context)
+    response = _execute(storage, claim, call, ttl, context)
+    _maybe_clean_up(storage)
+    return response
+
+
+def _names(identity: RequestIdentity) -> dict[str, str]:
+    return {"scope": identity.scope, "key": identity.key}
 
 
 def _claim(
@@ -167,7 +183,11 @@ def _rendered(response: HttpResponseBase) -> HttpResponseBase:
 
 
 def _execute(
-    storage: BaseStorage, claim: Claim, call: Callable[[], HttpResponseBase], ttl: timedelta | None
+    storage: BaseStorage,
+    claim: Claim,
+    call: Callable[[], HttpResponseBase],
+    ttl: timedelta | None,
+    context: dict[str, Any],
 ) -> HttpResponseBase:
     alias = storage.alias
     try:
@@ -186,17 +206,29 @@ def _execute(
         response, stored = http.capture(deferred.response)
         if not storage.complete(claim, stored, ttl=ttl):
             return _lost_response()
-        return response
     except _Discard as discarded:
         # 5xx: nothing is stored and the key is released, so the client may retry at once.
         storage.release(claim)
+        logger.info("idempotency key %(key)r in scope %(scope)r released after a 5xx", context)
+        signals.released.send(**context, status=discarded.response.status_code)
         return discarded.response
     except _LeaseLost:
         return _lost_response()
     except BaseException:
         storage.release(claim)
+        logger.info("idempotency key %(key)r in scope %(scope)r released after an error", context)
+        signals.released.send(**context, status=None)
         raise
+    signals.executed.send(**context, status=response.status_code)
     return response
+
+
+def _maybe_clean_up(storage: BaseStorage) -> None:
+    """With ``CLEANUP_PROBABILITY``, delete one small batch of expired records, after the
+    request's own transaction has committed (at once in autocommit mode)."""
+    probability = idempotency_settings.CLEANUP_PROBABILITY
+    if probability and random.random() < probability:
+        transaction.on_commit(storage.clean_up_batch, using=storage.alias)
 
 
 def _lost_response() -> HttpResponseBase:

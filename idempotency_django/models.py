@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from django.db import models
+from django.db import connections, models, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
@@ -36,14 +39,71 @@ class CaseSensitiveCharField(models.CharField):  # type: ignore[type-arg]
         return params
 
 
+@dataclass(frozen=True)
+class CleanupResult:
+    """What :meth:`IdempotencyRecordQuerySet.delete_expired` did."""
+
+    deleted: int
+    batches: int
+    seconds: float
+    longest_batch_seconds: float
+
+
 class IdempotencyRecordQuerySet(models.QuerySet["IdempotencyRecord"]):
-    def expired(self, now: Any = None) -> IdempotencyRecordQuerySet:
+    def expired(self, now: datetime | None = None) -> IdempotencyRecordQuerySet:
         """Records whose ``expires_at`` has passed. ``TTL=None`` records never are."""
         return self.filter(expires_at__lte=now or timezone.now())
 
-    def live(self, now: Any = None) -> IdempotencyRecordQuerySet:
+    def live(self, now: datetime | None = None) -> IdempotencyRecordQuerySet:
         now = now or timezone.now()
         return self.filter(models.Q(expires_at__isnull=True) | models.Q(expires_at__gt=now))
+
+    def delete_expired(
+        self,
+        *,
+        batch_size: int = 1000,
+        max_batches: int | None = None,
+        dry_run: bool = False,
+        now: datetime | None = None,
+    ) -> CleanupResult:
+        """Delete expired records in batches of ``batch_size``, each in its own short
+        transaction, until none is left (or ``max_batches`` ran). ``dry_run`` only counts.
+
+        On PostgreSQL and MariaDB/MySQL each batch selects its rows ``FOR UPDATE SKIP
+        LOCKED``: a row that an in-flight request holds is left for a later run instead of
+        being waited on, so cleanup never blocks live traffic. The command
+        ``idempotency_cleanup`` and the Celery task ``delete_expired_records`` call this.
+        """
+        now = now or timezone.now()
+        alias = self.db
+        started = time.monotonic()
+        if dry_run:
+            count = self.expired(now).count()
+            return CleanupResult(count, 0, time.monotonic() - started, 0.0)
+        features = connections[alias].features
+        deleted = batches = 0
+        longest = 0.0
+        while max_batches is None or batches < max_batches:
+            batch_started = time.monotonic()
+            with transaction.atomic(using=alias):
+                candidates = self.expired(now).order_by().values_list("pk", flat=True)
+                if features.has_select_for_update_skip_locked:
+                    candidates = candidates.select_for_update(skip_locked=True)
+                ids = list(candidates[:batch_size])
+                if ids:
+                    # Re-checking expiry in the DELETE keeps a row that was reused between
+                    # the two statements (only possible where no row lock was taken).
+                    count, _ = (
+                        self.model._base_manager.using(alias)
+                        .filter(pk__in=ids, expires_at__lte=now)
+                        .delete()
+                    )
+                    deleted += count
+            batches += 1 if ids else 0
+            longest = max(longest, time.monotonic() - batch_started)
+            if len(ids) < batch_size:
+                break
+        return CleanupResult(deleted, batches, time.monotonic() - started, longest)
 
 
 class IdempotencyRecord(models.Model):
@@ -101,6 +161,12 @@ class IdempotencyRecord(models.Model):
     )
     replay_count = models.PositiveIntegerField(_("replay count"), default=0)
     last_replayed_at = models.DateTimeField(_("last replayed at"), null=True, blank=True)
+    conflict_count = models.PositiveIntegerField(
+        _("conflict count"), default=0, help_text=_("Retries answered 409 while in flight.")
+    )
+    mismatch_count = models.PositiveIntegerField(
+        _("mismatch count"), default=0, help_text=_("Requests answered 422: same key, other body.")
+    )
 
     objects = IdempotencyRecordQuerySet.as_manager()
 

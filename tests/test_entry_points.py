@@ -127,10 +127,10 @@ def test_first_request_inside_an_outer_transaction_adds_at_most_seven_queries(
         assert post("/payments/", BODY, "k1").status_code == 201
 
 
-def test_conflict_costs_one_query(post, django_assert_max_num_queries):
+def test_mismatch_costs_one_lookup_and_one_counter_write(post, django_assert_max_num_queries):
     post("/payments/", BODY, "k1")
     IdempotencyRecord.objects.update(state="processing")
-    with django_assert_max_num_queries(1):
+    with django_assert_max_num_queries(2):
         assert post("/payments/", {"other": 1}, "k1").status_code == 422
 
 

@@ -44,6 +44,8 @@ class Claim:
     taken_over: bool = False
     response: StoredResponse | None = None
     retry_after: timedelta | None = None
+    # False when the storage cannot safely write counters for this answer.
+    countable: bool = True
 
 
 class BaseStorage:
@@ -67,6 +69,12 @@ class BaseStorage:
     def release(self, claim: Claim) -> bool:
         """Forget the key if ``claim`` still owns it, so the client may retry at once."""
         raise NotImplementedError
+
+    def clean_up_batch(self) -> None:
+        """Delete one small batch of expired records (``CLEANUP_PROBABILITY``)."""
+
+    def note_conflict(self, claim: Claim) -> None:
+        """Count a request answered 409 for ``claim``'s record (monitoring only)."""
 
     def lookup(self, scope: str, key: str) -> StoredResponse | None:
         """The stored, unexpired response for (scope, key), if any. Writes nothing."""

@@ -19,6 +19,7 @@ How two workers can never both own a key, on every backend:
 
 from __future__ import annotations
 
+import logging
 import secrets
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timedelta
@@ -38,6 +39,11 @@ from idempotency_django.storage.base import (
 )
 
 State = IdempotencyRecord.State
+
+# Rows deleted by one opportunistic cleanup batch (CLEANUP_PROBABILITY).
+PROBABILISTIC_BATCH_SIZE = 100
+
+logger = logging.getLogger("idempotency_django")
 
 # Claim attempts before a request that keeps losing races is answered "in flight".
 MAX_CLAIM_ATTEMPTS = 5
@@ -171,19 +177,29 @@ class DatabaseStorage(BaseStorage):
                 if claimed is not None:
                     return claimed
                 continue
+            # Counter writes are skipped after a failed insert inside an outer transaction:
+            # this request then holds a shared lock on the row, and upgrading it can
+            # deadlock with another retry waiting on the same key.
+            count = not share_lock
             if record.fingerprint != identity.fingerprint:
+                if count:
+                    self._increment(record.pk, mismatch_count=F("mismatch_count") + 1)
                 return Claim(Outcome.MISMATCH, record_id=record.pk)
             if record.state == State.COMPLETED:
-                # After a failed insert inside an outer transaction this request holds a
-                # shared lock on the row; writing the counter would upgrade it and can
-                # deadlock with another waiting retry, so the counter is left alone then.
-                if not share_lock:
-                    self._count_replay(record, now)
+                if count:
+                    self._increment(
+                        record.pk, replay_count=F("replay_count") + 1, last_replayed_at=now
+                    )
                 return Claim(Outcome.REPLAY, record_id=record.pk, response=_stored(record))
             lease_end = record.lease_expires_at
             if lease_end is not None and lease_end > now:
                 retry_after = lease_end - now
-                return Claim(Outcome.IN_FLIGHT, record_id=record.pk, retry_after=retry_after)
+                return Claim(
+                    Outcome.IN_FLIGHT,
+                    record_id=record.pk,
+                    retry_after=retry_after,
+                    countable=count,
+                )
             # The owner's lease ran out: its worker died or is too slow. Take the key over;
             # the old owner's completion will then match no row and roll back.
             claimed = self._swap(
@@ -265,10 +281,19 @@ class DatabaseStorage(BaseStorage):
             return None
         return Claim(Outcome.CLAIMED, record_id=record.pk, token=token, taken_over=taken_over)
 
-    def _count_replay(self, record: IdempotencyRecord, now: datetime) -> None:
-        self._records().filter(pk=record.pk).update(
-            replay_count=F("replay_count") + 1, last_replayed_at=now
-        )
+    def _increment(self, record_id: int, **changes: Any) -> None:
+        self._records().filter(pk=record_id).update(**changes)
+
+    def clean_up_batch(self) -> None:
+        try:
+            self._records().delete_expired(batch_size=PROBABILISTIC_BATCH_SIZE, max_batches=1)
+        except DatabaseError:
+            # Opportunistic work after a response: never let it fail a request.
+            logger.exception("idempotency cleanup batch failed")
+
+    def note_conflict(self, claim: Claim) -> None:
+        if claim.record_id is not None and claim.countable:
+            self._increment(claim.record_id, conflict_count=F("conflict_count") + 1)
 
     # -- complete / release ---------------------------------------------------------------
 

@@ -1,0 +1,39 @@
+"""Celery task for deleting expired records. Celery is an optional extra
+(``pip install idempotency-django[celery]``); nothing else in the package imports it.
+
+Schedule it with Celery beat, for example hourly::
+
+    CELERY_BEAT_SCHEDULE = {
+        "idempotency-cleanup": {
+            "task": "idempotency_django.delete_expired_records",
+            "schedule": 3600,
+        },
+    }
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    from celery import shared_task
+except ImportError:  # pragma: no cover - exercised by the tox env without Celery
+    shared_task = None
+
+
+def _delete_expired_records(batch_size: int = 1000) -> dict[str, Any]:
+    from idempotency_django.models import IdempotencyRecord
+
+    result = IdempotencyRecord.objects.delete_expired(batch_size=batch_size)
+    return {
+        "deleted": result.deleted,
+        "batches": result.batches,
+        "seconds": round(result.seconds, 3),
+        "longest_batch_seconds": round(result.longest_batch_seconds, 3),
+    }
+
+
+if shared_task is not None:
+    delete_expired_records = shared_task(
+        name="idempotency_django.delete_expired_records", ignore_result=False
+    )(_delete_expired_records)
