@@ -1,13 +1,81 @@
-"""Read-only admin for idempotency records: the system writes them, people only look."""
+"""Read-only admin for idempotency records: the system writes them, people only look,
+expire or delete them."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+from datetime import timedelta
 from typing import Any
 
-from django.contrib import admin
-from django.http import HttpRequest
+from django.contrib import admin, messages
+from django.core.paginator import Paginator
+from django.db import connections
+from django.db.models import Count, QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.utils import timezone
+from django.utils.functional import cached_property
+from django.utils.html import format_html, format_html_join
+from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
 
 from idempotency_django.models import IdempotencyRecord
+
+# Below this many rows the changelist counts exactly; above it, on PostgreSQL, an unfiltered
+# changelist uses the planner's estimate instead of a COUNT(*) over the whole table.
+EXACT_COUNT_LIMIT = 10_000
+HEX_PREVIEW_BYTES = 64
+BODY_PREVIEW_CHARS = 20_000
+
+
+class EstimatedCountPaginator(Paginator):  # type: ignore[type-arg]
+    """A paginator that does not scan a large table just to number the pages."""
+
+    @cached_property
+    def count(self) -> int:
+        queryset = self.object_list
+        if isinstance(queryset, QuerySet) and not queryset.query.where:
+            connection = connections[queryset.db]
+            if connection.vendor == "postgresql":
+                with connection.cursor() as cursor:
+                    cursor.execute(
+                        "SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
+                        [queryset.model._meta.db_table],
+                    )
+                    row = cursor.fetchone()
+                if row and row[0] > EXACT_COUNT_LIMIT:
+                    return int(row[0])
+        return super().count
+
+
+class StatusClassFilter(admin.SimpleListFilter):
+    title = _("response status")
+    parameter_name = "status_class"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("2", "2xx"), ("3", "3xx"), ("4", "4xx")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        if value in {"2", "3", "4"}:
+            low = int(value) * 100
+            return queryset.filter(response_status__gte=low, response_status__lt=low + 100)
+        return queryset
+
+
+class ExpiryFilter(admin.SimpleListFilter):
+    title = _("expiry")
+    parameter_name = "expiry"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        return [("live", _("live")), ("expired", _("expired"))]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        if self.value() == "live":
+            return queryset.live()  # type: ignore[attr-defined,no-any-return]
+        if self.value() == "expired":
+            return queryset.expired()  # type: ignore[attr-defined,no-any-return]
+        return queryset
 
 
 @admin.register(IdempotencyRecord)
@@ -16,22 +84,29 @@ class IdempotencyRecordAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "key",
         "scope",
         "method",
-        "path",
+        "short_path",
         "state",
         "response_status",
         "replay_count",
         "created_at",
         "expires_at",
     )
-    list_filter = ("state", "method")
-    search_fields = ("key", "scope", "path")
+    list_filter = ("state", StatusClassFilter, "method", ExpiryFilter)
+    search_fields = ("=key", "=scope", "path")
     date_hierarchy = "created_at"
+    paginator = EstimatedCountPaginator
+    show_full_result_count = False
+    list_per_page = 50
+    actions = ["expire_selected"]
     fieldsets = (
         (None, {"fields": ("scope", "key", "method", "path", "fingerprint", "state")}),
-        ("Lease", {"fields": ("lease_owner", "lease_expires_at")}),
-        ("Response", {"fields": ("response_status", "response_headers", "response_body")}),
+        (_("Lease"), {"fields": ("lease_owner", "lease_expires_at")}),
         (
-            "Timestamps and counters",
+            _("Stored response"),
+            {"fields": ("response_status", "stored_headers", "stored_body")},
+        ),
+        (
+            _("Timestamps and counters"),
             {
                 "fields": (
                     "created_at",
@@ -39,16 +114,87 @@ class IdempotencyRecordAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                     "expires_at",
                     "replay_count",
                     "last_replayed_at",
+                    "conflict_count",
+                    "mismatch_count",
                 )
             },
         ),
     )
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
-        return [field.name for field in self.model._meta.fields]
+        return [field.name for field in self.model._meta.fields] + [
+            "stored_headers",
+            "stored_body",
+        ]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    @admin.display(description=_("path"), ordering="path")
+    def short_path(self, record: IdempotencyRecord) -> str:
+        return record.path if len(record.path) <= 60 else record.path[:57] + "..."
+
+    @admin.display(description=_("headers"))
+    def stored_headers(self, record: IdempotencyRecord) -> str:
+        if not record.response_headers:
+            return "-"
+        rows = format_html_join(
+            "", "<tr><th>{}</th><td>{}</td></tr>", (tuple(h) for h in record.response_headers)
+        )
+        return format_html("<table>{}</table>", rows)
+
+    @admin.display(description=_("body"))
+    def stored_body(self, record: IdempotencyRecord) -> str:
+        """The body as text (JSON pretty-printed), always escaped; binary as size + hex."""
+        body = bytes(record.response_body or b"")
+        if not body:
+            return "-"
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            preview = body[:HEX_PREVIEW_BYTES].hex(" ")
+            more = " ..." if len(body) > HEX_PREVIEW_BYTES else ""
+            return format_html("{} bytes (binary)<pre>{}{}</pre>", len(body), preview, more)
+        with contextlib.suppress(ValueError):
+            text = json.dumps(json.loads(text), indent=2, ensure_ascii=False, sort_keys=True)
+        if len(text) > BODY_PREVIEW_CHARS:
+            text = text[:BODY_PREVIEW_CHARS] + "\n..."
+        return format_html("{} bytes<pre>{}</pre>", len(body), text)
+
+    @admin.action(description=_("Expire selected records"), permissions=["delete"])
+    def expire_selected(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        # An expired record behaves as absent: the next request with its key executes.
+        count = queryset.update(expires_at=timezone.now())
+        self.message_user(
+            request,
+            ngettext("%d record expired.", "%d records expired.", count) % count,
+            messages.SUCCESS,
+        )
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        if self.has_view_or_change_permission(request):
+            extra_context = {**(extra_context or {}), "idempotency_summary": self.summary()}
+        return super().changelist_view(request, extra_context)
+
+    def summary(self) -> dict[str, Any]:
+        """Figures shown above the changelist: three aggregate queries, no row loading."""
+        now = timezone.now()
+        records = self.model._default_manager.all()
+        by_state = dict(
+            records.order_by()
+            .values_list("state")
+            .annotate(n=Count("pk"))
+            .values_list("state", "n")
+        )
+        return {
+            "states": [
+                (label, by_state.get(value, 0)) for value, label in self.model.State.choices
+            ],
+            "expired": records.expired(now).count(),
+            "replayed_24h": records.filter(last_replayed_at__gte=now - timedelta(hours=24)).count(),
+        }
