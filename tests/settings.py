@@ -67,12 +67,14 @@ TIME_ZONE = "UTC"
 ROOT_URLCONF = "tests.testapp.urls"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 ALLOWED_HOSTS = ["*"]
+STATIC_URL = "/static/"
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
+    "django.contrib.staticfiles",
     "rest_framework",
     "idempotency_django",
     "tests.testapp",
@@ -107,3 +109,19 @@ REST_FRAMEWORK = {
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 SILENCED_SYSTEM_CHECKS = ["idempotency_django.W001"] if DATABASE == "sqlite" else []
 IDEMPOTENCY: dict[str, object] = {}
+
+# A worker process started by a test (Celery end-to-end) uses the test database itself.
+if os.environ.get("IDEMPOTENCY_TEST_DB_NAME"):
+    DATABASES["default"]["NAME"] = os.environ["IDEMPOTENCY_TEST_DB_NAME"]
+
+# Celery, for the end-to-end cleanup test (tests/celery_app.py). Redis db 15, test-only.
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
+CELERY_RESULT_BACKEND = CELERY_BROKER_URL
+CELERY_TASK_ALWAYS_EAGER = False
+CELERY_BEAT_SCHEDULE = {
+    "idempotency-cleanup": {
+        "task": "idempotency_django.delete_expired_records",
+        "schedule": float(os.environ.get("IDEMPOTENCY_CLEANUP_EVERY", "3600")),
+        "kwargs": {"batch_size": 2},
+    },
+}
