@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-sqlite test-postgres test-mariadb lint typecheck tox clean
+.PHONY: demo test test-sqlite test-postgres test-mariadb lint typecheck tox clean bench-cleanup
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,3 +48,7 @@ tox: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .tox .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info
+
+## bench-cleanup: batched cleanup vs plain DELETE on PostgreSQL (writes docs/benchmarks.md).
+bench-cleanup: $(STAMP)
+	$(BIN)/python benchmarks/cleanup.py

@@ -22,7 +22,6 @@ from idempotency_django.conf import (
 _DOC = "See the configuration reference in the idempotency_django documentation."
 
 _BOOLS = ("REQUIRED",)
-_POSITIVE_INTS = ("MAX_KEY_LENGTH",)
 _HEADER_NAMES = ("HEADER", "REPLAY_HEADER")
 _TOKEN_CHARS = set("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
@@ -90,10 +89,10 @@ def _type_problem(name: str, value: Any) -> str | None:
         return None
     if name in _BOOLS and not isinstance(value, bool):
         return "must be True or False."
-    if name in _POSITIVE_INTS and (
-        isinstance(value, bool) or not isinstance(value, int) or value < 1
+    if name == "MAX_KEY_LENGTH" and (
+        isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 255
     ):
-        return "must be a positive integer."
+        return "must be an integer from 1 to 255 (the key column's length)."
     if name in _HEADER_NAMES and (
         not isinstance(value, str) or not value or set(value) - _TOKEN_CHARS
     ):

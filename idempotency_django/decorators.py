@@ -8,8 +8,10 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar, overload
 
+from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponseBase
 from rest_framework.request import Request
+from rest_framework.views import APIView
 
 from idempotency_django import drf
 from idempotency_django.execution import USE_SETTING, Options, run
@@ -56,6 +58,17 @@ def idempotent(
     options = Options(methods=methods, required=required, ttl=ttl, conflict=conflict)
 
     def decorate(view_func: F) -> F:
+        view_class = getattr(view_func, "cls", None) or getattr(view_func, "view_class", None)
+        if isinstance(view_class, type) and issubclass(view_class, APIView):
+            # Above @api_view (or on SomeAPIView.as_view()) the wrapper would run before
+            # DRF's authentication and permission checks: keys would be scoped to the wrong
+            # user and a stored response could reach an unauthenticated request.
+            raise ImproperlyConfigured(
+                f"@idempotent must be placed below @api_view/@action, closest to the "
+                f"function, not around the DRF view {view_class.__name__}; for class-based "
+                f"DRF views use IdempotentMixin."
+            )
+
         @functools.wraps(view_func)
         def wrapper(*args: Any, **kwargs: Any) -> HttpResponseBase:
             position, request = _find_request(args)

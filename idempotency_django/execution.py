@@ -4,6 +4,7 @@ transaction with the record's completion, or answer from the store."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -14,6 +15,7 @@ from datetime import timedelta
 from typing import Any, Final
 
 from django.db import connections, transaction
+from django.db.transaction import TransactionManagementError
 from django.http import HttpRequest, HttpResponseBase
 from django.http.request import RawPostDataException
 
@@ -78,14 +80,32 @@ class _LeaseLost(Exception):
 
 
 def request_body(request: Any) -> bytes:
-    """The raw request body, also when DRF already parsed it."""
+    """The raw request body, or a digest of it when it was already parsed."""
     raw: HttpRequest = getattr(request, "_request", request)
     try:
         return raw.body
     except RawPostDataException:
-        # The stream was consumed (e.g. ``request.data`` read by a permission class):
-        # fingerprint the parsed data instead, which DRF still holds.
-        return json.dumps(getattr(request, "data", None), sort_keys=True, default=str).encode()
+        return _parsed_body_digest(request, raw)
+
+
+def _parsed_body_digest(request: Any, raw: HttpRequest) -> bytes:
+    """Stands in for a body whose stream was consumed before the view ran (the CSRF check
+    or a permission class read a form, or DRF parsed ``request.data``): every form value,
+    every uploaded file's name and content, or the parsed data as canonical JSON."""
+    digest = hashlib.sha256()
+    if hasattr(raw, "_post") or hasattr(raw, "_files"):
+        for name in sorted(raw.POST):
+            digest.update(json.dumps([name, raw.POST.getlist(name)]).encode())
+        for name in sorted(raw.FILES):
+            for upload in raw.FILES.getlist(name):
+                digest.update(json.dumps([name, upload.name, upload.size]).encode())
+                for chunk in upload.chunks():
+                    digest.update(chunk)
+                upload.seek(0)
+    else:
+        data = getattr(request, "data", None)
+        digest.update(json.dumps(data, sort_keys=True, default=str).encode())
+    return b"parsed:" + digest.hexdigest().encode()
 
 
 def run(request: Any, call: Callable[[], HttpResponseBase], options: Options) -> HttpResponseBase:
@@ -196,7 +216,15 @@ def _execute(
             if response.status_code >= 500:
                 raise _Discard(response)
             if transaction.get_rollback(using=alias):
-                raise _StoreAfterRollback(response)
+                if 400 <= response.status_code < 500:
+                    raise _StoreAfterRollback(response)
+                # A success whose writes are doomed (the handler caught a database error
+                # inside the transaction) must not be stored nor sent as a success.
+                raise TransactionManagementError(
+                    "The handler returned a success after a database error it caught inside "
+                    "the idempotency transaction, so its writes were rolled back. Wrap the "
+                    "statement that may fail in its own transaction.atomic() block."
+                )
             response, stored = http.capture(response)
             # Same transaction as the handler's writes: both commit, or neither does.
             if not storage.complete(claim, stored, ttl=ttl):

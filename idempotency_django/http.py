@@ -13,6 +13,8 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHt
 from idempotency_django.conf import idempotency_settings
 from idempotency_django.storage.base import StoredResponse
 
+MAX_SCOPE_LENGTH = 255
+
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "https://idempotency-django.readthedocs.io/en/latest/semantics/#"
 
@@ -159,7 +161,8 @@ def _canonical_body(content_type: str, body: bytes) -> bytes:
         except ValueError:
             return body
         # Key order and whitespace carry no meaning in JSON (RFC 8259 section 4).
-        return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        # ASCII escapes keep any decoded string (lone surrogates included) encodable.
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return body
 
 
@@ -189,7 +192,12 @@ def default_scope(request: HttpRequest) -> str:
 
 def scope(request: HttpRequest) -> str:
     function = idempotency_settings.SCOPE or default_scope
-    return str(function(request))
+    value = str(function(request))
+    # The column holds 255 characters; a longer scope is stored as its hash rather than cut
+    # (a cut could make two scopes one).
+    if len(value) > MAX_SCOPE_LENGTH:
+        value = "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+    return value
 
 
 def capture(response: HttpResponseBase) -> tuple[HttpResponseBase, StoredResponse]:

@@ -127,6 +127,7 @@ def test_first_request_inside_an_outer_transaction_adds_at_most_seven_queries(
         assert post("/payments/", BODY, "k1").status_code == 201
 
 
+@pytest.mark.django_db(transaction=True)
 def test_mismatch_costs_one_lookup_and_one_counter_write(post, django_assert_max_num_queries):
     post("/payments/", BODY, "k1")
     IdempotencyRecord.objects.update(state="processing")

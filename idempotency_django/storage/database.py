@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import DatabaseError, IntegrityError, connections, router, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from idempotency_django.models import IdempotencyRecord
@@ -152,30 +152,35 @@ class DatabaseStorage(BaseStorage):
     def _claim(
         self, identity: RequestIdentity, *, lease: timedelta, ttl: timedelta | None
     ) -> Claim:
-        insert_failed = False
+        raced = False  # an insert or swap lost a race: read the newest committed row
         retry_after = lease
         for _attempt in range(MAX_CLAIM_ATTEMPTS):
             now = timezone.now()
-            share_lock = insert_failed and self._in_transaction()
+            share_lock = raced and self._in_transaction()
             record = self._get(identity, share_lock=share_lock)
             if record is None:
                 claimed = self._insert(identity, now=now, lease=lease, ttl=ttl)
                 if claimed is not None:
                     return claimed
-                insert_failed = True
+                raced = True
                 continue
-            if record.is_expired(now):
-                # An expired record behaves as absent: reuse its row for a fresh claim.
+            lease_over = record.lease_expires_at is None or record.lease_expires_at <= now
+            if record.is_expired(now) and (record.state == State.COMPLETED or lease_over):
+                # An expired record behaves as absent: reuse its row for a fresh claim. (A
+                # record still processing under a live lease is never reused, even when a
+                # short per-view TTL has passed: its owner may still complete it.)
                 claimed = self._swap(
                     record,
                     identity,
                     now=now,
                     lease=lease,
                     ttl=ttl,
-                    condition={"expires_at__lte": now},
+                    condition=Q(expires_at__lte=now)
+                    & (Q(state=State.COMPLETED) | Q(lease_expires_at__lte=now)),
                 )
                 if claimed is not None:
                     return claimed
+                raced = True
                 continue
             # Counter writes are skipped after a failed insert inside an outer transaction:
             # this request then holds a shared lock on the row, and upgrading it can
@@ -208,11 +213,12 @@ class DatabaseStorage(BaseStorage):
                 now=now,
                 lease=lease,
                 ttl=ttl,
-                condition={"state": State.PROCESSING, "lease_expires_at__lte": now},
+                condition=Q(state=State.PROCESSING, lease_expires_at__lte=now),
                 taken_over=True,
             )
             if claimed is not None:
                 return claimed
+            raced = True
         return Claim(Outcome.IN_FLIGHT, retry_after=retry_after)
 
     def _insert(
@@ -248,7 +254,7 @@ class DatabaseStorage(BaseStorage):
         now: datetime,
         lease: timedelta,
         ttl: timedelta | None,
-        condition: dict[str, Any],
+        condition: Q,
         taken_over: bool = False,
     ) -> Claim | None:
         token = _new_token()
@@ -274,7 +280,7 @@ class DatabaseStorage(BaseStorage):
             )
         matched = (
             self._records()
-            .filter(pk=record.pk, lease_owner=record.lease_owner, **condition)
+            .filter(condition, pk=record.pk, lease_owner=record.lease_owner)
             .update(**changes)
         )
         if matched != 1:
@@ -282,7 +288,19 @@ class DatabaseStorage(BaseStorage):
         return Claim(Outcome.CLAIMED, record_id=record.pk, token=token, taken_over=taken_over)
 
     def _increment(self, record_id: int, **changes: Any) -> None:
-        self._records().filter(pk=record_id).update(**changes)
+        """Update monitoring counters. Best effort: a counter is never worth failing or
+        delaying an answer, so lock errors (the row may be held by its original until it
+        commits) are logged and swallowed."""
+        try:
+            with self._statement_savepoint():
+                self._records().filter(pk=record_id).update(**changes)
+        except DatabaseError as error:
+            if not is_lock_conflict(error):
+                raise
+            logger.info("idempotency counter not updated: %s", error)
+            if self._in_transaction() and connections[self.alias].vendor == "mysql":
+                # InnoDB rolls back the whole transaction on a deadlock.
+                transaction.set_rollback(True, using=self.alias)
 
     def clean_up_batch(self) -> None:
         try:

@@ -15,6 +15,8 @@ urlpatterns = [
     path("", include(router.urls)),
     path("baseline/", views.AtomicBaselineView.as_view()),
     path("generic/", views.GenericCreateView.as_view()),
+    path("swallow/", views.SwallowsDatabaseErrorView.as_view()),
+    path("upload/", views.UploadView.as_view()),
     path("required/", views.RequiredKeyView.as_view()),
     path("authenticated/", views.AuthenticatedView.as_view()),
     path("throttled/", views.ThrottledView.as_view()),

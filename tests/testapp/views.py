@@ -6,16 +6,18 @@ The request body steers the handler: ``sleep`` (seconds, inside the transaction)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from rest_framework import generics, serializers, status, viewsets
 from rest_framework.decorators import action, api_view
 from rest_framework.exceptions import ValidationError
-from rest_framework.permissions import IsAuthenticated
+from rest_framework.parsers import MultiPartParser
+from rest_framework.permissions import BasePermission, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.throttling import AnonRateThrottle
@@ -87,6 +89,33 @@ class AtomicBaselineView(APIView):
 
 class GenericCreateView(IdempotentMixin, generics.CreateAPIView):  # type: ignore[type-arg]
     serializer_class = PaymentSerializer
+
+
+class SwallowsDatabaseErrorView(IdempotentMixin, APIView):
+    """A handler that catches a database error without a savepoint, then claims success."""
+
+    def post(self, request: Request) -> Response:
+        payment = Payment.objects.create(reference="swallowed", amount=1)
+        with contextlib.suppress(IntegrityError):
+            Payment.objects.create(reference="broken", amount=None)  # type: ignore[misc]
+        return Response({"id": payment.pk}, status=201)
+
+
+class ReadsDataFirst(BasePermission):
+    """Consumes the request stream before the view runs, as some permission classes do."""
+
+    def has_permission(self, request: Any, view: Any) -> bool:
+        return request.data is not None
+
+
+class UploadView(IdempotentMixin, APIView):
+    permission_classes = [ReadsDataFirst]
+    parser_classes = [MultiPartParser]
+
+    def post(self, request: Request) -> Response:
+        upload = request.data["file"]
+        Payment.objects.create(reference=upload.name, amount=upload.size)
+        return Response({"uploaded": upload.read().decode()}, status=201)
 
 
 class RequiredKeyView(IdempotentMixin, APIView):

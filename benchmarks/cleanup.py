@@ -1,0 +1,266 @@
+"""Cleanup benchmark on PostgreSQL: batched expiry deletion vs one plain DELETE, and what it
+does to live traffic. Run with ``make bench-cleanup``; results go to docs/benchmarks.md.
+
+Fills a scratch database with 1,000,000 expired and 100,000 live records, then reports,
+measured side by side in this run:
+
+1. rows deleted per second by ``delete_expired`` (the code behind ``idempotency_cleanup`` and
+   the Celery task) as a ratio to one ``DELETE ... WHERE expires_at < now()``;
+2. the longest single batch;
+3. p99 latency of concurrent idempotent requests while the cleanup runs, as a ratio to p99
+   of the same load without it.
+
+Environment: PGHOST/PGPORT/PGUSER (127.0.0.1, 5432, postgres), BENCH_EXPIRED (1000000),
+BENCH_LIVE (100000), BENCH_BATCH (50000), BENCH_CLIENTS (2), BENCH_ROUNDS (3).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DB_NAME = "idempotency_bench"
+EXPIRED = int(os.environ.get("BENCH_EXPIRED", "1000000"))
+LIVE = int(os.environ.get("BENCH_LIVE", "100000"))
+BATCH = int(os.environ.get("BENCH_BATCH", "50000"))
+CLIENTS = int(os.environ.get("BENCH_CLIENTS", "2"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+
+
+def configure() -> None:
+    import django
+    from django.conf import settings
+
+    if settings.configured:
+        return
+    settings.configure(
+        DEBUG=False,
+        USE_TZ=True,
+        SECRET_KEY="benchmark",
+        ALLOWED_HOSTS=["*"],
+        ROOT_URLCONF="benchmarks.cleanup_urls",
+        DATABASES={
+            "default": {
+                "ENGINE": "django.db.backends.postgresql",
+                "HOST": os.environ.get("PGHOST", "127.0.0.1"),
+                "PORT": os.environ.get("PGPORT", "5432"),
+                "USER": os.environ.get("PGUSER", "postgres"),
+                "NAME": DB_NAME,
+            }
+        },
+        INSTALLED_APPS=[
+            "django.contrib.auth",
+            "django.contrib.contenttypes",
+            "rest_framework",
+            "idempotency_django",
+        ],
+        MIDDLEWARE=[],
+        REST_FRAMEWORK={
+            "DEFAULT_AUTHENTICATION_CLASSES": [],
+            "DEFAULT_PERMISSION_CLASSES": [],
+            "UNAUTHENTICATED_USER": None,
+        },
+        DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
+    )
+    django.setup()
+
+
+def create_database() -> None:
+    import psycopg
+
+    admin = psycopg.connect(
+        host=os.environ.get("PGHOST", "127.0.0.1"),
+        port=os.environ.get("PGPORT", "5432"),
+        user=os.environ.get("PGUSER", "postgres"),
+        dbname="postgres",
+        autocommit=True,
+    )
+    admin.execute(f"DROP DATABASE IF EXISTS {DB_NAME}")
+    admin.execute(f"CREATE DATABASE {DB_NAME}")
+    admin.close()
+
+
+def fill() -> None:
+    """Insert EXPIRED expired and LIVE live completed records, in SQL (fast)."""
+    from django.db import connection
+
+    from idempotency_django.models import IdempotencyRecord
+
+    table = IdempotencyRecord._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(f"TRUNCATE {table}")
+        for count, expires in (
+            (EXPIRED, "now() - interval '1 hour'"),
+            (LIVE, "now() + interval '1 day'"),
+        ):
+            cursor.execute(
+                f"""
+                INSERT INTO {table} (scope, key, fingerprint, method, path, state, lease_owner,
+                    response_status, response_headers, response_body, created_at, completed_at,
+                    expires_at, replay_count, conflict_count, mismatch_count)
+                SELECT 'bench', md5(random()::text || g::text), repeat('f', 64), 'POST',
+                    '/payments/', 'completed', 'bench', 201,
+                    '[["Content-Type", "application/json"]]'::jsonb, '{{"id": 1}}'::bytea,
+                    now() - interval '2 hours', now() - interval '2 hours', {expires}, 0, 0, 0
+                FROM generate_series(1, %s) AS g
+                """,
+                [count],
+            )
+        cursor.execute(f"VACUUM ANALYZE {table}")
+
+
+def plain_delete() -> float:
+    from django.db import connection
+
+    from idempotency_django.models import IdempotencyRecord
+
+    started = time.perf_counter()
+    with connection.cursor() as cursor:
+        cursor.execute(f"DELETE FROM {IdempotencyRecord._meta.db_table} WHERE expires_at < now()")
+        assert cursor.rowcount == EXPIRED, cursor.rowcount
+    return time.perf_counter() - started
+
+
+def batched_delete() -> tuple[float, float, int]:
+    from idempotency_django.models import IdempotencyRecord
+
+    result = IdempotencyRecord.objects.delete_expired(batch_size=BATCH)
+    assert result.deleted == EXPIRED, result
+    return result.seconds, result.longest_batch_seconds, result.batches
+
+
+def _load(stop_at: float, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    configure()
+    from django.db import connections
+    from django.test import Client
+
+    client = Client()
+    latencies: list[float] = []
+    while time.monotonic() < stop_at:
+        key = uuid.uuid4().hex
+        started = time.perf_counter()
+        response = client.post(
+            "/payments/",
+            data='{"amount": 1}',
+            content_type="application/json",
+            HTTP_IDEMPOTENCY_KEY=key,
+        )
+        latencies.append(time.perf_counter() - started)
+        assert response.status_code == 201, response.status_code
+    connections.close_all()
+    queue.put(latencies)
+
+
+def p99_under_load(seconds: float, during: object = None) -> tuple[float, int]:
+    """p99 latency of CLIENTS processes sending first requests for ``seconds``; ``during``
+    (a callable) runs in this process meanwhile."""
+    from django.db import connections
+
+    connections.close_all()  # never share a connection with the load processes
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    stop_at = time.monotonic() + seconds + 3  # spawned processes need a moment to start
+    workers = [context.Process(target=_load, args=(stop_at, queue)) for _ in range(CLIENTS)]
+    for worker in workers:
+        worker.start()
+    if callable(during):
+        time.sleep(3.5)
+        during()
+    latencies: list[float] = []
+    for _ in workers:
+        latencies.extend(queue.get(timeout=seconds + 60))
+    for worker in workers:
+        worker.join()
+    return statistics.quantiles(latencies, n=100)[98], len(latencies)
+
+
+def main() -> int:
+    create_database()
+    configure()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+
+    print(f"filling {EXPIRED:,} expired + {LIVE:,} live records, {ROUNDS} rounds ...", flush=True)
+    plains: list[float] = []
+    batched_runs: list[tuple[float, float, int]] = []
+    for _ in range(ROUNDS):  # alternating, so drift on a noisy machine hits both alike
+        fill()
+        plains.append(plain_delete())
+        fill()
+        batched_runs.append(batched_delete())
+    plain = statistics.median(plains)
+    batched = statistics.median(run[0] for run in batched_runs)
+    longest = max(run[1] for run in batched_runs)
+    batches = batched_runs[0][2]
+    rate_ratio = plain / batched
+
+    fill()
+    quiet_p99, quiet_n = p99_under_load(12)
+    fill()
+    cleanup_seconds: list[float] = []
+
+    def run_cleanup() -> None:
+        seconds, _, _ = batched_delete()
+        cleanup_seconds.append(seconds)
+
+    busy_p99, busy_n = p99_under_load(12, during=run_cleanup)
+
+    from django import get_version
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW server_version")
+        pg_version = cursor.fetchone()[0]
+    plain_rate, batched_rate = EXPIRED / plain, EXPIRED / batched
+    lines = [
+        "| figure | value | target |",
+        "| --- | --- | --- |",
+        f"| plain `DELETE` of {EXPIRED:,} expired rows (median of {ROUNDS}) "
+        f"| {plain:.2f} s ({plain_rate:,.0f} rows/s) | |",
+        f"| batched cleanup, batch {BATCH:,} ({batches} batches, median of {ROUNDS}) "
+        f"| {batched:.2f} s ({batched_rate:,.0f} rows/s) | |",
+        f"| **rate ratio, batched / plain** | **{rate_ratio:.2f}x** | >= 0.8x |",
+        f"| **longest batch (all rounds)** | **{longest * 1000:.0f} ms** | <= 250 ms |",
+        f"| p99 of first requests, no cleanup ({quiet_n} requests) | {quiet_p99 * 1000:.1f} ms | |",
+        f"| p99 of first requests during cleanup ({busy_n} requests) "
+        f"| {busy_p99 * 1000:.1f} ms | |",
+        f"| **p99 ratio, during / without cleanup** | **{busy_p99 / quiet_p99:.2f}x** | <= 1.5x |",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    machine = (
+        f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, Django {get_version()}, "
+        f"PostgreSQL {pg_version}; {CLIENTS} load processes"
+    )
+    print(machine)
+    write_docs(table, machine)
+    return 0
+
+
+def write_docs(table: str, machine: str) -> None:
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    begin, end = "<!-- cleanup:begin -->", "<!-- cleanup:end -->"
+    section = (
+        f"{begin}\n## Cleanup\n\n`make bench-cleanup` (`benchmarks/cleanup.py`): "
+        f"{EXPIRED:,} expired and {LIVE:,} live records on PostgreSQL; all figures from one "
+        f"run, side by side.\n\n{table}\n\nMachine: {machine}.\n{end}"
+    )
+    if begin in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Edge cases found in review: misuse, consumed streams, odd bodies, limits."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.utils import timezone
+from rest_framework.decorators import api_view
+from rest_framework.response import Response
+from rest_framework.test import APIClient
+
+from idempotency_django.checks import check_settings
+from idempotency_django.decorators import idempotent
+from idempotency_django.models import IdempotencyRecord
+from tests.testapp.models import Payment
+
+pytestmark = pytest.mark.django_db
+
+BODY = {"reference": "r", "amount": 1}
+
+
+def test_success_after_a_swallowed_database_error_is_neither_stored_nor_sent(post):
+    client = APIClient(raise_request_exception=False)
+    response = post("/swallow/", {}, "k1", via=client)
+    assert response.status_code == 500
+    assert Payment.objects.count() == 0
+    assert not IdempotencyRecord.objects.exists()
+
+
+def test_decorator_above_api_view_is_refused():
+    def view(request):
+        return Response({})
+
+    with pytest.raises(ImproperlyConfigured, match="below @api_view"):
+        idempotent(api_view(["POST"])(view))
+
+
+def test_decorator_on_an_api_view_class_is_refused():
+    from tests.testapp.views import RequiredKeyView
+
+    with pytest.raises(ImproperlyConfigured, match="IdempotentMixin"):
+        idempotent()(RequiredKeyView.as_view())
+
+
+def _upload(client, content: bytes, key: str):
+    return client.post(
+        "/upload/",
+        {"file": SimpleUploadedFile("same-name.txt", content)},
+        format="multipart",
+        HTTP_IDEMPOTENCY_KEY=key,
+    )
+
+
+def test_consumed_multipart_stream_still_fingerprints_file_contents(client):
+    first = _upload(client, b"AAAA", "up-1")
+    retry = _upload(client, b"AAAA", "up-1")
+    other = _upload(client, b"BBBB", "up-1")
+    assert first.status_code == 201
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    assert other.status_code == 422
+    assert Payment.objects.count() == 1
+
+
+def test_in_flight_record_past_a_short_ttl_is_not_taken_over_while_its_lease_lives(post):
+    post("/payments/", BODY, "k1")
+    IdempotencyRecord.objects.update(
+        state="processing",
+        lease_owner="alive",
+        lease_expires_at=timezone.now() + timedelta(seconds=30),
+        expires_at=timezone.now() - timedelta(seconds=1),
+    )
+    response = post("/payments/", BODY, "k1")
+    assert response.status_code == 409
+    assert IdempotencyRecord.objects.get().lease_owner == "alive"
+
+
+def test_json_body_with_a_lone_surrogate_is_not_a_500(client):
+    response = client.post(
+        "/payments/",
+        data='{"note": "\\ud800", "amount": 1}',
+        content_type="application/json",
+        HTTP_IDEMPOTENCY_KEY="k1",
+    )
+    assert response.status_code < 500
+
+
+def test_max_key_length_above_the_column_is_a_check_error(settings):
+    settings.IDEMPOTENCY = {"MAX_KEY_LENGTH": 256}
+    assert [m.id for m in check_settings() if m.id.endswith("E003")] == ["idempotency_django.E003"]
+
+
+def test_long_custom_scope_is_stored_as_its_hash(post, idempotency):
+    idempotency(SCOPE="tests.scopes.by_tenant_header")
+    post("/payments/", BODY, "k1", HTTP_X_TENANT="t" * 300)
+    post("/payments/", BODY, "k1", HTTP_X_TENANT="t" * 299 + "u")
+    scopes = list(IdempotencyRecord.objects.values_list("scope", flat=True))
+    assert len(scopes) == 2
+    assert all(scope.startswith("sha256:") and len(scope) <= 255 for scope in scopes)
