@@ -33,6 +33,7 @@ LIVE = int(os.environ.get("BENCH_LIVE", "100000"))
 BATCH = int(os.environ.get("BENCH_BATCH", "50000"))
 CLIENTS = int(os.environ.get("BENCH_CLIENTS", "2"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+PAUSE = float(os.environ.get("BENCH_PAUSE", "0"))
 
 
 def configure() -> None:
@@ -132,7 +133,7 @@ def plain_delete() -> float:
 def batched_delete() -> tuple[float, float, int]:
     from idempotency_django.models import IdempotencyRecord
 
-    result = IdempotencyRecord.objects.delete_expired(batch_size=BATCH)
+    result = IdempotencyRecord.objects.delete_expired(batch_size=BATCH, pause=PAUSE)
     assert result.deleted == EXPIRED, result
     return result.seconds, result.longest_batch_seconds, result.batches
 

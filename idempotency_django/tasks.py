@@ -21,10 +21,10 @@ except ImportError:  # pragma: no cover - exercised by the tox env without Celer
     shared_task = None
 
 
-def _delete_expired_records(batch_size: int = 1000) -> dict[str, Any]:
+def _delete_expired_records(batch_size: int = 1000, pause: float = 0.0) -> dict[str, Any]:
     from idempotency_django.models import IdempotencyRecord
 
-    result = IdempotencyRecord.objects.delete_expired(batch_size=batch_size)
+    result = IdempotencyRecord.objects.delete_expired(batch_size=batch_size, pause=pause)
     return {
         "deleted": result.deleted,
         "batches": result.batches,

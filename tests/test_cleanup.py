@@ -48,6 +48,13 @@ def test_delete_expired_respects_max_batches():
     assert IdempotencyRecord.objects.count() == 3
 
 
+def test_pause_sleeps_between_batches():
+    make_records(expired=3)
+    result = IdempotencyRecord.objects.delete_expired(batch_size=1, pause=0.1)
+    assert result.deleted == 3
+    assert result.seconds >= 0.2
+
+
 def test_dry_run_counts_without_deleting():
     make_records(expired=4, live=1)
     result = IdempotencyRecord.objects.delete_expired(dry_run=True)

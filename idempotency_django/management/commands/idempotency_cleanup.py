@@ -27,6 +27,12 @@ class Command(BaseCommand):
             "--dry-run", action="store_true", help="Only count the expired records."
         )
         parser.add_argument(
+            "--pause",
+            type=float,
+            default=0.0,
+            help="Seconds to sleep between batches, to leave a busy database more room.",
+        )
+        parser.add_argument(
             "--database",
             default=None,
             help="Database alias (default: the one the routers choose for the records).",
@@ -39,7 +45,7 @@ class Command(BaseCommand):
         alias = options["database"] or router.db_for_write(IdempotencyRecord) or DEFAULT_DB_ALIAS
         try:
             result = IdempotencyRecord.objects.using(alias).delete_expired(
-                batch_size=batch_size, dry_run=options["dry_run"]
+                batch_size=batch_size, dry_run=options["dry_run"], pause=options["pause"]
             )
         except DatabaseError as error:
             raise CommandError(
