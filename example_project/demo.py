@@ -134,7 +134,7 @@ def tour() -> None:
     show(
         "5.1 the payment provider fails (handler error)",
         call("POST", "/api/transfers/", transfer, fail_key, X_Simulate_Failure="1"),
-        {502},
+        {500},
     )
     show(
         "5.2 the retry with the same key executes (nothing was stored)",
@@ -158,10 +158,26 @@ def tour() -> None:
         replayed=True,
     )
 
+    withdraw_key = str(uuid.uuid4())
+    withdrawal = {"account": 2, "amount": 1000}
+    show(
+        "7.1 plain Django view: withdraw",
+        call("POST", "/api/withdraw/", withdrawal, withdraw_key),
+        {201},
+        replayed=False,
+    )
+    show(
+        "7.2 plain Django view: withdraw retried",
+        call("POST", "/api/withdraw/", withdrawal, withdraw_key),
+        {201},
+        replayed=True,
+    )
+
     final = balances()
     print(f"\nFinal balances (cents): {final}")
     # Transfers that executed: first (refunded), the concurrent one, the retried failure.
-    expected = {"alice": 100000 - 2 * 2500, "bob": 2 * 2500}
+    # and one withdrawal of 1000 from bob.
+    expected = {"alice": 100000 - 2 * 2500, "bob": 2 * 2500 - 1000}
     if final != expected:
         failures.append(f"balances {final} != {expected}: a transfer ran twice or not at all")
     else:

@@ -11,4 +11,5 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/", include(router.urls)),
     path("api/deposit/", views.deposit),
+    path("api/withdraw/", views.withdraw),
 ]

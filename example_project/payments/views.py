@@ -1,8 +1,12 @@
 """The payments API: every money-moving endpoint is idempotent."""
 
+import json
 import time
 
 from django.db.models import F
+from django.http import JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_POST
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action, api_view
 from rest_framework.exceptions import APIException
@@ -13,9 +17,9 @@ from idempotency_django.mixins import IdempotentMixin
 from payments.models import Account, Transfer
 
 
-class ProviderUnavailable(APIException):
-    status_code = 502
-    default_detail = "The payment provider did not answer."
+class ProviderFailed(APIException):
+    status_code = 500
+    default_detail = "The payment provider failed."
 
 
 class AccountSerializer(serializers.ModelSerializer):
@@ -42,7 +46,7 @@ def _simulate(request):
     """Demo hooks, outside the fingerprint: slow provider, failing provider."""
     time.sleep(float(request.headers.get("X-Simulate-Latency", 0)))
     if request.headers.get("X-Simulate-Failure"):
-        raise ProviderUnavailable()
+        raise ProviderFailed()
 
 
 class AccountViewSet(viewsets.ReadOnlyModelViewSet):
@@ -85,3 +89,20 @@ def deposit(request):
     _simulate(request)
     account.refresh_from_db()
     return Response(AccountSerializer(account).data, status=status.HTTP_201_CREATED)
+
+
+@csrf_exempt
+@require_POST
+@idempotent(required=True)
+def withdraw(request):
+    """A plain Django view (no DRF): POST /api/withdraw/ {"account": id, "amount": cents}.
+
+    Authentication here is Django's own (session); the demo's API calls use DRF's."""
+    data = json.loads(request.body or b"{}")
+    account = Account.objects.get(pk=data["account"])
+    amount = int(data["amount"])
+    if account.balance < amount:
+        return JsonResponse({"detail": "insufficient funds"}, status=400)
+    Account.objects.filter(pk=account.pk).update(balance=F("balance") - amount)
+    account.refresh_from_db()
+    return JsonResponse({"account": account.pk, "balance": account.balance}, status=201)
