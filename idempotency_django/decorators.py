@@ -87,6 +87,7 @@ def idempotent(
             return run(request, lambda: view_func(*args, **kwargs), options)
 
         wrapper.idempotency_wrapped = True  # type: ignore[attr-defined]
+        wrapper.idempotency_options = options  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
 
     if func is not None:

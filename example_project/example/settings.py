@@ -1,6 +1,17 @@
-"""A small payments API showing idempotency_django. SQLite, no server needed."""
+"""A small payments API showing idempotency_django.
 
+SQLite by default, no server needed. Environment:
+
+* ``DATABASE_URL`` (e.g. ``postgres://postgres@127.0.0.1:5432/payments``): use that
+  database instead (parsed by dj-database-url).
+* ``CELERY_BROKER_URL`` (default ``redis://127.0.0.1:6379/0``): the broker for the cleanup
+  task scheduled below (``celery -A example worker --beat``).
+"""
+
+import os
 from pathlib import Path
+
+import dj_database_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -22,6 +33,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
     "idempotency_django",
     "payments",
 ]
@@ -47,20 +59,37 @@ TEMPLATES = [
     }
 ]
 DATABASES = {
-    "default": {
-        "ENGINE": "django.db.backends.sqlite3",
-        "NAME": BASE_DIR / "db.sqlite3",
-        # SQLite has one writer at a time; IMMEDIATE transactions queue writers instead of
-        # failing them when two requests race.
-        "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 20},
-    }
+    "default": dj_database_url.config(
+        default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}", conn_max_age=60
+    )
 }
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # SQLite has one writer at a time; IMMEDIATE transactions queue writers instead of
+    # failing them when two requests race.
+    DATABASES["default"]["OPTIONS"] = {"transaction_mode": "IMMEDIATE", "timeout": 20}
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.BasicAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # Documents the Idempotency-Key header and the 400/409/422 problems on every
+    # idempotent operation.
+    "DEFAULT_SCHEMA_CLASS": "idempotency_django.openapi.AutoSchema",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Example payments API",
+    "VERSION": "1.0.0",
+    "DESCRIPTION": "Money-moving endpoints made safe to retry with idempotency_django.",
+}
+
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+CELERY_BEAT_SCHEDULE = {
+    "idempotency-cleanup": {
+        "task": "idempotency_django.delete_expired_records",
+        "schedule": 3600,
+        "kwargs": {"batch_size": 5000},
+    },
 }
 IDEMPOTENCY = {
     "TTL": 24 * 3600,

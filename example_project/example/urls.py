@@ -1,6 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
 from payments import views
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
 router = DefaultRouter()
@@ -12,4 +13,6 @@ urlpatterns = [
     path("api/", include(router.urls)),
     path("api/deposit/", views.deposit),
     path("api/withdraw/", views.withdraw),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema")),
 ]

@@ -7,6 +7,7 @@ from django.db.models import F
 from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action, api_view
 from rest_framework.exceptions import APIException
@@ -49,6 +50,10 @@ def _simulate(request):
         raise ProviderFailed()
 
 
+class RefundSerializer(serializers.Serializer):
+    refunded = serializers.IntegerField()
+
+
 class AccountViewSet(viewsets.ReadOnlyModelViewSet):
     queryset = Account.objects.order_by("id")
     serializer_class = AccountSerializer
@@ -67,6 +72,7 @@ class TransferViewSet(IdempotentMixin, viewsets.ModelViewSet):
         Account.objects.filter(pk=transfer.target_id).update(balance=F("balance") + transfer.amount)
         _simulate(self.request)
 
+    @extend_schema(request=None, responses={201: RefundSerializer})
     @action(detail=True, methods=["post"])
     @idempotent(required=True)
     def refund(self, request, pk=None):
@@ -80,6 +86,17 @@ class TransferViewSet(IdempotentMixin, viewsets.ModelViewSet):
         return Response({"refunded": transfer.pk}, status=status.HTTP_201_CREATED)
 
 
+class DepositSerializer(serializers.Serializer):
+    account = serializers.IntegerField()
+    amount = serializers.IntegerField(min_value=1)
+
+
+class WithdrawalResultSerializer(serializers.Serializer):
+    account = serializers.IntegerField()
+    balance = serializers.IntegerField()
+
+
+@extend_schema(request=DepositSerializer, responses={201: AccountSerializer})
 @api_view(["POST"])
 @idempotent
 def deposit(request):
