@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("drf_spectacular")
 
-from drf_spectacular.generators import SchemaGenerator  # noqa: E402
+from drf_spectacular.generators import SchemaGenerator
 
 ROOT = Path(__file__).resolve().parent.parent
 

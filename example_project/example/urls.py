@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
-from payments import views
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from payments import views
 from rest_framework.routers import DefaultRouter
 
 router = DefaultRouter()
