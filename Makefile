@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-sqlite test-postgres test-mariadb lint typecheck tox clean bench-cleanup
+.PHONY: demo test test-sqlite test-postgres test-mariadb lint typecheck docs tox clean bench-cleanup
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test-postgres: $(STAMP)
 test-mariadb: $(STAMP)
 	TEST_DATABASE=mariadb $(BIN)/python -m pytest -q
 
+## docs: build the documentation site (MkDocs, warnings are errors) into site/.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -47,7 +51,7 @@ tox: $(STAMP)
 	PATH="$(PYENV_BINS)$$PATH" $(BIN)/tox run-parallel --parallel 2 --parallel-no-spinner
 
 clean:
-	rm -rf $(VENV) .tox .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info
+	rm -rf $(VENV) .tox .mypy_cache .ruff_cache .pytest_cache build dist site *.egg-info
 
 ## bench-cleanup: batched cleanup vs plain DELETE on PostgreSQL (writes docs/benchmarks.md).
 bench-cleanup: $(STAMP)
