@@ -80,6 +80,8 @@ class ExpiryFilter(admin.SimpleListFilter):
 
 @admin.register(IdempotencyRecord)
 class IdempotencyRecordAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Records are browsed, expired or deleted here, never added or edited."""
+
     list_display = (
         "key",
         "scope",

@@ -22,6 +22,9 @@ except ImportError:  # pragma: no cover - exercised by the tox env without Celer
 
 
 def _delete_expired_records(batch_size: int = 1000, pause: float = 0.0) -> dict[str, Any]:
+    """Delete expired records in batches (see ``IdempotencyRecordQuerySet.delete_expired``)
+    and return what was done: ``deleted``, ``batches``, ``seconds``,
+    ``longest_batch_seconds``."""
     from idempotency_django.models import IdempotencyRecord
 
     result = IdempotencyRecord.objects.delete_expired(batch_size=batch_size, pause=pause)
