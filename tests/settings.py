@@ -106,6 +106,14 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
+# drf-spectacular (the ``openapi`` extra), where installed. Set here, not per test: DRF's
+# @api_view fixes a view's schema object when the view module is imported.
+try:
+    import drf_spectacular  # noqa: F401
+except ImportError:
+    pass
+else:
+    REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"] = "idempotency_django.openapi.AutoSchema"
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 SILENCED_SYSTEM_CHECKS = ["idempotency_django.W001"] if DATABASE == "sqlite" else []
 IDEMPOTENCY: dict[str, object] = {}

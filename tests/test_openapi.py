@@ -18,10 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def schema(settings):
-    settings.REST_FRAMEWORK = {
-        **settings.REST_FRAMEWORK,
-        "DEFAULT_SCHEMA_CLASS": "idempotency_django.openapi.AutoSchema",
-    }
+    # tests/settings.py sets DEFAULT_SCHEMA_CLASS to idempotency_django.openapi.AutoSchema.
     return SchemaGenerator().get_schema(request=None, public=True)
 
 
