@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -44,7 +45,14 @@ def setup() -> None:
     manage("shell", "--verbosity", "0", "--command", script)
 
 
+def port_is_free() -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        return probe.connect_ex(("127.0.0.1", PORT)) != 0
+
+
 def start_server() -> subprocess.Popen[bytes]:
+    if not port_is_free():
+        raise SystemExit(f"port {PORT} is already in use: set DEMO_PORT to a free port")
     server = subprocess.Popen(
         [sys.executable, "manage.py", "runserver", f"127.0.0.1:{PORT}", "--noreload"],
         cwd=HERE,
