@@ -134,7 +134,12 @@ def run(request: Any, call: Callable[[], HttpResponseBase], options: Options) ->
     storage = get_storage()
     ttl = options.resolved_ttl()
     claim = _claim(storage, identity, ttl, options.resolved_conflict())
-    context = {"sender": IdempotencyRecord, "request": request, **_names(identity)}
+    context = {
+        "sender": IdempotencyRecord,
+        "request": request,
+        "scope": identity.scope,
+        "key": identity.key,
+    }
     if claim.outcome is Outcome.MISMATCH:
         logger.info("idempotency key %(key)r in scope %(scope)r reused with another body", context)
         signals.mismatch.send(**context)
@@ -162,10 +167,6 @@ def run(request: Any, call: Callable[[], HttpResponseBase], options: Options) ->
     response = _execute(storage, claim, call, ttl, context)
     _maybe_clean_up(storage)
     return response
-
-
-def _names(identity: RequestIdentity) -> dict[str, str]:
-    return {"scope": identity.scope, "key": identity.key}
 
 
 def _claim(

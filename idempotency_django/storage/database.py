@@ -153,7 +153,6 @@ class DatabaseStorage(BaseStorage):
         self, identity: RequestIdentity, *, lease: timedelta, ttl: timedelta | None
     ) -> Claim:
         raced = False  # an insert or swap lost a race: read the newest committed row
-        retry_after = lease
         for _attempt in range(MAX_CLAIM_ATTEMPTS):
             now = timezone.now()
             share_lock = raced and self._in_transaction()
@@ -182,9 +181,9 @@ class DatabaseStorage(BaseStorage):
                     return claimed
                 raced = True
                 continue
-            # Counter writes are skipped after a failed insert inside an outer transaction:
-            # this request then holds a shared lock on the row, and upgrading it can
-            # deadlock with another retry waiting on the same key.
+            # Counter writes are skipped after a lost race inside an outer transaction: this
+            # request then holds a shared lock on the row, and upgrading it can deadlock
+            # with another retry waiting on the same key.
             count = not share_lock
             if record.fingerprint != identity.fingerprint:
                 if count:
@@ -196,13 +195,12 @@ class DatabaseStorage(BaseStorage):
                         record.pk, replay_count=F("replay_count") + 1, last_replayed_at=now
                     )
                 return Claim(Outcome.REPLAY, record_id=record.pk, response=_stored(record))
-            lease_end = record.lease_expires_at
-            if lease_end is not None and lease_end > now:
-                retry_after = lease_end - now
+            if not lease_over:
+                assert record.lease_expires_at is not None
                 return Claim(
                     Outcome.IN_FLIGHT,
                     record_id=record.pk,
-                    retry_after=retry_after,
+                    retry_after=record.lease_expires_at - now,
                     countable=count,
                 )
             # The owner's lease ran out: its worker died or is too slow. Take the key over;
@@ -219,7 +217,7 @@ class DatabaseStorage(BaseStorage):
             if claimed is not None:
                 return claimed
             raced = True
-        return Claim(Outcome.IN_FLIGHT, retry_after=retry_after)
+        return Claim(Outcome.IN_FLIGHT, retry_after=lease)
 
     def _insert(
         self, identity: RequestIdentity, *, now: datetime, lease: timedelta, ttl: timedelta | None
