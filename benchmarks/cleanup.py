@@ -7,11 +7,11 @@ measured side by side in this run:
 1. rows deleted per second by ``delete_expired`` (the code behind ``idempotency_cleanup`` and
    the Celery task) as a ratio to one ``DELETE ... WHERE expires_at < now()``;
 2. the longest single batch;
-3. p99 latency of concurrent idempotent requests while the cleanup runs, as a ratio to p99
-   of the same load without it.
+3. p99 latency of concurrent idempotent requests due while the cleanup runs, as a ratio to
+   p99 of the same load without it (and, for reference, over the whole load round).
 
 Environment: PGHOST/PGPORT/PGUSER (127.0.0.1, 5432, postgres), BENCH_EXPIRED (1000000),
-BENCH_LIVE (100000), BENCH_BATCH (50000), BENCH_CLIENTS (2), BENCH_ROUNDS (3),
+BENCH_LIVE (100000), BENCH_BATCH (5000), BENCH_CLIENTS (2), BENCH_ROUNDS (5),
 BENCH_RATE (50 requests/s per client, open loop), BENCH_PAUSE (0 s between batches).
 """
 
@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 DB_NAME = "idempotency_bench"
 EXPIRED = int(os.environ.get("BENCH_EXPIRED", "1000000"))
 LIVE = int(os.environ.get("BENCH_LIVE", "100000"))
-BATCH = int(os.environ.get("BENCH_BATCH", "50000"))
+BATCH = int(os.environ.get("BENCH_BATCH", "5000"))  # the package default
 CLIENTS = int(os.environ.get("BENCH_CLIENTS", "2"))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 PAUSE = float(os.environ.get("BENCH_PAUSE", "0"))
 # Requests per second sent by each load process (open loop). The default keeps a 2-core
 # machine busy but not saturated, as a production database server is run.
@@ -148,7 +148,9 @@ def batched_delete() -> tuple[float, float, int]:
 
 def _load(stop_at: float, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     """Open-loop load: requests at a fixed rate, each latency measured from the moment it
-    was due, so a stall also counts for the requests it delayed (no coordinated omission)."""
+    was due, so a stall also counts for the requests it delayed (no coordinated omission).
+    Puts (due, latency) pairs; ``time.perf_counter`` is the system-wide monotonic clock on
+    Linux, so due times compare across processes."""
     configure()
     from django.db import connections
     from django.test import Client
@@ -166,7 +168,7 @@ def _load(stop_at: float, queue: multiprocessing.Queue) -> None:  # type: ignore
 
     for _ in range(20):  # warm up (imports, connection) before the clock starts
         send()
-    latencies: list[float] = []
+    samples: list[tuple[float, float]] = []
     interval = 1.0 / RATE
     due = time.perf_counter()
     while time.monotonic() < stop_at:
@@ -174,15 +176,21 @@ def _load(stop_at: float, queue: multiprocessing.Queue) -> None:  # type: ignore
         if now < due:
             time.sleep(due - now)
         send()
-        latencies.append(time.perf_counter() - due)
+        samples.append((due, time.perf_counter() - due))
         due += interval
     connections.close_all()
-    queue.put(latencies)
+    queue.put(samples)
 
 
-def p99_under_load(seconds: float, during: object = None) -> tuple[float, int]:
-    """p99 latency of CLIENTS processes sending first requests for ``seconds``; ``during``
-    (a callable) runs in this process meanwhile."""
+def p99(latencies: list[float]) -> float:
+    return statistics.quantiles(latencies, n=100)[98]
+
+
+def load_round(seconds: float, during: object = None) -> tuple[list[float], list[float]]:
+    """Run CLIENTS load processes for ``seconds``; ``during`` (a callable) runs in this
+    process meanwhile, starting once the load is steady. Returns the latencies of all
+    requests and of those due while ``during`` ran (without ``during``: while it would have
+    run, a window as long as the cleanup's median duration)."""
     from django.db import connections
 
     connections.close_all()  # never share a connection with the load processes
@@ -192,15 +200,18 @@ def p99_under_load(seconds: float, during: object = None) -> tuple[float, int]:
     workers = [context.Process(target=_load, args=(stop_at, queue)) for _ in range(CLIENTS)]
     for worker in workers:
         worker.start()
+    time.sleep(3.5)
+    window_start = time.perf_counter()
     if callable(during):
-        time.sleep(3.5)
         during()
-    latencies: list[float] = []
+    window_end = time.perf_counter()
+    samples: list[tuple[float, float]] = []
     for _ in workers:
-        latencies.extend(queue.get(timeout=seconds + 60))
+        samples.extend(queue.get(timeout=seconds + 60))
     for worker in workers:
         worker.join()
-    return statistics.quantiles(latencies, n=100)[98], len(latencies)
+    inside = [latency for due, latency in samples if window_start <= due <= window_end]
+    return [latency for _, latency in samples], inside
 
 
 def main() -> int:
@@ -224,23 +235,26 @@ def main() -> int:
     batches = batched_runs[0][2]
     rate_ratio = plain / batched
 
-    quiet: list[float] = []
-    busy: list[float] = []
-    quiet_n = busy_n = 0
+    quiet: list[float] = []  # every latency of the rounds without cleanup
+    inside: list[float] = []  # every latency due while a cleanup ran
+    round_ratios: list[float] = []
+    whole_ratios: list[float] = []
 
     def run_cleanup() -> None:
         batched_delete()
 
-    for _ in range(ROUNDS):  # alternating rounds, medians
+    for _ in range(ROUNDS):  # alternating rounds
         fill()
-        p99, n = p99_under_load(8)
-        quiet.append(p99)
-        quiet_n += n
+        quiet_round, _ = load_round(8)
         fill()
-        p99, n = p99_under_load(8, during=run_cleanup)
-        busy.append(p99)
-        busy_n += n
-    quiet_p99, busy_p99 = statistics.median(quiet), statistics.median(busy)
+        busy_round, during = load_round(8, during=run_cleanup)
+        quiet.extend(quiet_round)
+        inside.extend(during)
+        round_ratios.append(p99(during) / p99(quiet_round))
+        whole_ratios.append(p99(busy_round) / p99(quiet_round))
+    # The cleanup lasts well under a second, so one round has too few requests inside it for
+    # a p99 of its own: the headline pools every round's requests, on both sides.
+    quiet_p99, inside_p99 = p99(quiet), p99(inside)
 
     from django import get_version
     from django.db import connection
@@ -258,11 +272,16 @@ def main() -> int:
         f"| {batched:.2f} s ({batched_rate:,.0f} rows/s) | |",
         f"| **rate ratio, batched / plain** | **{rate_ratio:.2f}x** | >= 0.8x |",
         f"| **longest batch (all rounds)** | **{longest * 1000:.0f} ms** | <= 250 ms |",
-        f"| p99 of first requests, no cleanup ({quiet_n} requests, median of {ROUNDS}) "
+        f"| p99 of first requests without cleanup ({len(quiet)} requests, {ROUNDS} rounds) "
         f"| {quiet_p99 * 1000:.1f} ms | |",
-        f"| p99 of first requests during cleanup ({busy_n} requests, median of {ROUNDS}) "
-        f"| {busy_p99 * 1000:.1f} ms | |",
-        f"| **p99 ratio, during / without cleanup** | **{busy_p99 / quiet_p99:.2f}x** | <= 1.5x |",
+        f"| p99 of first requests due while the cleanup ran ({len(inside)} requests, "
+        f"{ROUNDS} rounds) | {inside_p99 * 1000:.1f} ms | |",
+        f"| **p99 ratio, while cleanup runs / without cleanup** "
+        f"| **{inside_p99 / quiet_p99:.2f}x** | <= 1.5x |",
+        f"| the same ratio per round (each round's own p99s), median / max "
+        f"| {statistics.median(round_ratios):.2f}x / {max(round_ratios):.2f}x | |",
+        f"| p99 ratio over whole 8 s load rounds that contain the cleanup, median "
+        f"| {statistics.median(whole_ratios):.2f}x | |",
     ]
     table = "\n".join(lines)
     print(table)

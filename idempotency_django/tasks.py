@@ -21,13 +21,16 @@ except ImportError:  # pragma: no cover - exercised by the tox env without Celer
     shared_task = None
 
 
-def _delete_expired_records(batch_size: int = 1000, pause: float = 0.0) -> dict[str, Any]:
-    """Delete expired records in batches (see ``IdempotencyRecordQuerySet.delete_expired``)
-    and return what was done: ``deleted``, ``batches``, ``seconds``,
-    ``longest_batch_seconds``."""
-    from idempotency_django.models import IdempotencyRecord
+def _delete_expired_records(batch_size: int | None = None, pause: float = 0.0) -> dict[str, Any]:
+    """Delete expired records in batches (see ``IdempotencyRecordQuerySet.delete_expired``;
+    ``batch_size`` defaults to its 5,000) and return what was done: ``deleted``,
+    ``batches``, ``seconds``, ``longest_batch_seconds``."""
+    # Imported here: this module may be imported before the app registry is ready.
+    from idempotency_django.models import DEFAULT_CLEANUP_BATCH_SIZE, IdempotencyRecord
 
-    result = IdempotencyRecord.objects.delete_expired(batch_size=batch_size, pause=pause)
+    result = IdempotencyRecord.objects.delete_expired(
+        batch_size=batch_size or DEFAULT_CLEANUP_BATCH_SIZE, pause=pause
+    )
     return {
         "deleted": result.deleted,
         "batches": result.batches,

@@ -162,6 +162,28 @@ def test_cleanup_skips_rows_locked_by_in_flight_requests_instead_of_waiting():
     assert list(IdempotencyRecord.objects.values_list("pk", flat=True)) == [locked_pk]
 
 
+@pytest.mark.requires_server_db
+@pytest.mark.django_db(transaction=True)
+def test_cleanup_leaves_the_connections_lock_timeout_as_it_found_it():
+    make_records(expired=3)
+    connection = connections["default"]
+    if connection.vendor != "postgresql":
+        pytest.skip("only the PostgreSQL cleanup changes lock_timeout")
+    with connection.cursor() as cursor:
+        cursor.execute("SET lock_timeout = '7s'")
+    assert IdempotencyRecord.objects.delete_expired(batch_size=2).deleted == 3
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW lock_timeout")
+        assert cursor.fetchone()[0] == "7s"
+
+
+def test_cleanup_inside_a_transaction_deletes_in_savepoints_and_keeps_the_transaction():
+    make_records(expired=3, live=1)
+    with transaction.atomic():
+        assert IdempotencyRecord.objects.delete_expired(batch_size=2).deleted == 3
+        assert IdempotencyRecord.objects.count() == 1
+
+
 def test_celery_task_runs_the_same_cleanup():
     tasks = pytest.importorskip("idempotency_django.tasks")
     pytest.importorskip("celery")

@@ -7,7 +7,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, router
 
-from idempotency_django.models import IdempotencyRecord
+from idempotency_django.models import DEFAULT_CLEANUP_BATCH_SIZE, IdempotencyRecord
 
 
 class Command(BaseCommand):
@@ -20,8 +20,8 @@ class Command(BaseCommand):
         parser.add_argument(
             "--batch-size",
             type=int,
-            default=1000,
-            help="Rows deleted per transaction (default: 1000).",
+            default=DEFAULT_CLEANUP_BATCH_SIZE,
+            help=f"Rows deleted per transaction (default: {DEFAULT_CLEANUP_BATCH_SIZE}).",
         )
         parser.add_argument(
             "--dry-run", action="store_true", help="Only count the expired records."
