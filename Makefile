@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-sqlite test-postgres test-mariadb lint typecheck docs tox clean bench-cleanup
+.PHONY: demo test test-sqlite test-postgres test-mariadb lint typecheck docs tox clean bench bench-cleanup
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ tox: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .tox .mypy_cache .ruff_cache .pytest_cache build dist site *.egg-info
+
+## bench: this package beside the other Django idempotency packages, through gunicorn on
+## PostgreSQL (each peer in its own virtualenv under benchmarks/.venvs/; writes docs/benchmarks.md).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/compare.py
 
 ## bench-cleanup: batched cleanup vs plain DELETE on PostgreSQL (writes docs/benchmarks.md).
 bench-cleanup: $(STAMP)

@@ -1,0 +1,1 @@
+"""The one-row endpoint every variant of the peer benchmark serves."""
