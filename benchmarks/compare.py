@@ -7,7 +7,9 @@ the client (``benchmarks/peers/load.py``, a separate process) visits them in alt
 order, round after round. Figures are ratios to the bare endpoint measured in the same
 round, medians over rounds. Results: printed, and written to docs/benchmarks.md with a chart.
 
-Environment: BENCH_ROUNDS (5), BENCH_VARIANTS (comma-separated subset), PGHOST/PGPORT/PGUSER.
+Environment: BENCH_ROUNDS (5), BENCH_VARIANTS (comma-separated subset; the bare endpoint
+always runs), BENCH_RETRY_RUN (1; 0 skips figure 5 while working on the others),
+PGHOST/PGPORT/PGUSER.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def tables(servers: list[Server], results: dict[str, Results]) -> str:
             f"| {_median_int(r.queries_first)} / {_median_int(r.queries_replay)} |"
         )
         burst = load.Sample(latencies=r.burst_latencies)
-        retry = r.retry or load.Sample()
+        retry = r.retry or load.Sample()  # empty when the retry run was skipped
         retry_rate = len(retry.latencies) / retry.seconds if retry.seconds else 0.0
         safety.append(
             f"| {name} | {max(r.burst_executions)} | {r.burst_errors} "
@@ -189,9 +191,12 @@ async def run(servers: list[Server]) -> dict[str, Results]:
     for number in range(ROUNDS):
         order = running if number % 2 == 0 else running[::-1]
         for server in order:
-            await measure_round(server, results[server.variant])
+            try:
+                await measure_round(server, results[server.variant])
+            except RuntimeError as error:
+                raise RuntimeError(f"{server.variant}: {error} (see {server.log})") from error
         print(f"round {number + 1}/{ROUNDS} done", flush=True)
-    for server in running:
+    for server in running if os.environ.get("BENCH_RETRY_RUN", "1") != "0" else []:
         await measure_retries(server, results[server.variant])
         print(f"retry run: {server.variant} done", flush=True)
     return results

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final
 
-from django.db import connections, transaction
+from django.db import DatabaseError, connections, transaction
 from django.db.transaction import TransactionManagementError
 from django.http import HttpRequest, HttpResponseBase
 from django.http.request import RawPostDataException
@@ -143,21 +143,24 @@ def run(request: Any, call: Callable[[], HttpResponseBase], options: Options) ->
     if claim.outcome is Outcome.MISMATCH:
         logger.info("idempotency key %(key)r in scope %(scope)r reused with another body", context)
         signals.mismatch.send(**context)
-        return http.KeyMismatch(
-            "This key was already used with a different request (method, path or body). "
-            "Use a new key for a new request."
-        ).response()
+        return _counted(
+            storage,
+            claim,
+            http.KeyMismatch(
+                "This key was already used with a different request (method, path or body). "
+                "Use a new key for a new request."
+            ).response(),
+        )
     if claim.outcome is Outcome.IN_FLIGHT:
-        storage.note_conflict(claim)
         in_use = http.in_use(claim.retry_after)
         logger.info("idempotency key %(key)r in scope %(scope)r is in flight: 409", context)
         signals.conflict.send(**context, retry_after=int(in_use.headers["Retry-After"]))
-        return in_use.response()
+        return _counted(storage, claim, in_use.response())
     if claim.outcome is Outcome.REPLAY:
         assert claim.response is not None
         logger.debug("idempotency key %(key)r in scope %(scope)r replayed", context)
         signals.replayed.send(**context, status=claim.response.status)
-        return http.replay_response(claim.response)
+        return _counted(storage, claim, http.replay_response(claim.response))
     if claim.taken_over:
         logger.warning(
             "idempotency key %(key)r in scope %(scope)r taken over after its lease ran out",
@@ -166,6 +169,25 @@ def run(request: Any, call: Callable[[], HttpResponseBase], options: Options) ->
         signals.taken_over.send(**context)
     response = _execute(storage, claim, call, ttl, context)
     _maybe_clean_up(storage)
+    return response
+
+
+def _counted(storage: BaseStorage, claim: Claim, response: HttpResponseBase) -> HttpResponseBase:
+    """Update the record's counters once ``response`` has been sent: WSGI and ASGI servers
+    (and the test client) call ``close()`` after the last byte. Monitoring then never delays
+    an answer nor runs inside the request's transaction; a server that never closes the
+    response leaves the counters behind, which only monitoring notices."""
+    close = response.close
+
+    def count_then_close() -> None:
+        try:
+            storage.note_answer(claim)
+        except DatabaseError:
+            logger.exception("idempotency counters not updated")
+        finally:
+            close()
+
+    response.close = count_then_close  # type: ignore[method-assign]
     return response
 
 

@@ -129,3 +129,33 @@ def test_stats_command_text_on_an_empty_table():
     assert "records:               0" in text
     assert "replay rate 0.0%" in text
     assert "oldest expired:        -" in text
+
+
+def test_replay_counter_is_written_after_the_response_is_sent():
+    # Servers call close() once the last byte is out; until then the replay has written
+    # nothing, so monitoring never adds to the replay's latency.
+    from django.core.signals import request_finished
+    from django.db import close_old_connections
+    from rest_framework.test import APIRequestFactory
+
+    from tests.testapp.views import PaymentViewSet
+
+    view = PaymentViewSet.as_view({"post": "create"})
+    factory = APIRequestFactory()
+
+    def send():
+        request = factory.post("/payments/", BODY, format="json", HTTP_IDEMPOTENCY_KEY="late")
+        return view(request)
+
+    # As the test client does: closing fires request_finished, which would otherwise close
+    # the test's database connection.
+    request_finished.disconnect(close_old_connections)
+    try:
+        send().close()
+        replay = send()
+        assert replay["Idempotent-Replayed"] == "true"
+        assert IdempotencyRecord.objects.get().replay_count == 0
+        replay.close()
+        assert IdempotencyRecord.objects.get().replay_count == 1
+    finally:
+        request_finished.connect(close_old_connections)

@@ -21,9 +21,14 @@ class Sample:
     queries: list[int] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)  # 0: transport error
     seconds: float = 0.0
+    transport_errors: list[str] = field(default_factory=list)
 
     @property
     def median(self) -> float:
+        if not self.latencies:
+            raise RuntimeError(
+                f"no request answered: {dict(self.statuses)} {self.transport_errors[:3]}"
+            )
         return statistics.median(self.latencies)
 
     def quantile(self, q: int) -> float:
@@ -46,8 +51,9 @@ async def _send(
     started = time.perf_counter()
     try:
         response = await client.post(url, json=body(marker), headers={header: key})
-    except httpx.HTTPError:
+    except httpx.HTTPError as error:
         sample.statuses[0] += 1
+        sample.transport_errors.append(repr(error))
         return 0
     sample.latencies.append(time.perf_counter() - started)
     sample.statuses[response.status_code] += 1

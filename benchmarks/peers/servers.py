@@ -40,6 +40,12 @@ class Server:
         return f"http://127.0.0.1:{self.port}/items/"
 
     @property
+    def log(self) -> Path:
+        """gunicorn's own output (worker crashes, tracebacks)."""
+        VENVS.mkdir(parents=True, exist_ok=True)
+        return VENVS / f"{self.variant}.log"
+
+    @property
     def database(self) -> str:
         return f"bench_{self.variant}"
 
@@ -80,8 +86,10 @@ def _requirements(module: object) -> list[str]:
 def ensure_venv(variant: str, module: object) -> Path:
     """A virtualenv per variant under benchmarks/.venvs/, rebuilt when its requirements
     change (this package's own variants share one, which is reinstalled every run)."""
-    requirements = _requirements(module)
-    name = "self" if getattr(module, "PACKAGE", None) in (None, ".") else variant
+    own = getattr(module, "PACKAGE", None) in (None, ".")
+    # The bare endpoint and this package's variant share one virtualenv with this checkout.
+    requirements = _requirements(module) + ([str(ROOT)] if own and not module.PACKAGE else [])
+    name = "self" if own else variant
     venv = VENVS / name
     stamp = venv / "requirements.json"
     if stamp.exists() and json.loads(stamp.read_text()) == requirements:
@@ -163,7 +171,7 @@ def start(variant: str, port: int) -> Server:
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=server.log.open("wb"),
         )
         _wait_for_port(port, server.process)
     except Exception as error:  # reported in the results, not raised

@@ -73,8 +73,9 @@ class BaseStorage:
     def clean_up_batch(self) -> None:
         """Delete one small batch of expired records (``CLEANUP_PROBABILITY``)."""
 
-    def note_conflict(self, claim: Claim) -> None:
-        """Count a request answered 409 for ``claim``'s record (monitoring only)."""
+    def note_answer(self, claim: Claim) -> None:
+        """Count a replay, a 409 or a 422 answered for ``claim``'s record (monitoring only).
+        Called after the response has been sent, never inside the request's transaction."""
 
     def lookup(self, scope: str, key: str) -> StoredResponse | None:
         """The stored, unexpired response for (scope, key), if any. Writes nothing."""

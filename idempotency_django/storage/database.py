@@ -55,6 +55,15 @@ MAX_CLAIM_ATTEMPTS = 5
 _SHARE_LOCK_SQL = {"mysql": " LOCK IN SHARE MODE", "postgresql": " FOR SHARE"}
 
 
+def _lookup_sql(connection: Any) -> str:
+    """SELECT one record by (scope, key), quoted for ``connection``'s backend."""
+    quote = connection.ops.quote_name
+    return (
+        f"SELECT * FROM {quote(IdempotencyRecord._meta.db_table)} "
+        f"WHERE {quote('scope')} = %s AND {quote('key')} = %s"
+    )
+
+
 # Errors that mean "another transaction holds the lock", by driver error code:
 # PostgreSQL SQLSTATEs deadlock_detected, lock_not_available, serialization_failure;
 # MySQL/MariaDB ER_LOCK_WAIT_TIMEOUT and ER_LOCK_DEADLOCK.
@@ -119,12 +128,15 @@ class DatabaseStorage(BaseStorage):
     def _get(
         self, identity: RequestIdentity, *, share_lock: bool = False
     ) -> IdempotencyRecord | None:
-        queryset = self._records().filter(scope=identity.scope, key=identity.key)
-        suffix = _SHARE_LOCK_SQL.get(connections[self.alias].vendor, "") if share_lock else ""
-        if not suffix:
-            return queryset.first()  # type: ignore[no-any-return]
-        sql, params = queryset.query.get_compiler(using=self.alias).as_sql()
-        rows = list(IdempotencyRecord.objects.raw(sql + suffix, params).using(self.alias))
+        # Hand-written SQL through raw(): the lookup is on every request's path, and building
+        # it with the ORM (filter, first) costs more than the query's own round trip.
+        connection = connections[self.alias]
+        suffix = _SHARE_LOCK_SQL.get(connection.vendor, "") if share_lock else ""
+        rows = list(
+            IdempotencyRecord.objects.raw(
+                _lookup_sql(connection) + suffix, [identity.scope, identity.key]
+            ).using(self.alias)
+        )
         return rows[0] if rows else None
 
     def lookup(self, scope: str, key: str) -> StoredResponse | None:
@@ -181,20 +193,20 @@ class DatabaseStorage(BaseStorage):
                     return claimed
                 raced = True
                 continue
-            # Counter writes are skipped after a lost race inside an outer transaction: this
-            # request then holds a shared lock on the row, and upgrading it can deadlock
-            # with another retry waiting on the same key.
+            # Counters are written by note_answer(), after the response has been sent.
+            # They are skipped after a lost race inside an outer transaction: this request
+            # then holds a shared lock on the row, and upgrading it can deadlock with
+            # another retry waiting on the same key.
             count = not share_lock
             if record.fingerprint != identity.fingerprint:
-                if count:
-                    self._increment(record.pk, mismatch_count=F("mismatch_count") + 1)
-                return Claim(Outcome.MISMATCH, record_id=record.pk)
+                return Claim(Outcome.MISMATCH, record_id=record.pk, countable=count)
             if record.state == State.COMPLETED:
-                if count:
-                    self._increment(
-                        record.pk, replay_count=F("replay_count") + 1, last_replayed_at=now
-                    )
-                return Claim(Outcome.REPLAY, record_id=record.pk, response=_stored(record))
+                return Claim(
+                    Outcome.REPLAY,
+                    record_id=record.pk,
+                    response=_stored(record),
+                    countable=count,
+                )
             if not lease_over:
                 assert record.lease_expires_at is not None
                 return Claim(
@@ -307,8 +319,18 @@ class DatabaseStorage(BaseStorage):
             # Opportunistic work after a response: never let it fail a request.
             logger.exception("idempotency cleanup batch failed")
 
-    def note_conflict(self, claim: Claim) -> None:
-        if claim.record_id is not None and claim.countable:
+    def note_answer(self, claim: Claim) -> None:
+        if claim.record_id is None or not claim.countable:
+            return
+        if claim.outcome is Outcome.REPLAY:
+            self._increment(
+                claim.record_id,
+                replay_count=F("replay_count") + 1,
+                last_replayed_at=timezone.now(),
+            )
+        elif claim.outcome is Outcome.MISMATCH:
+            self._increment(claim.record_id, mismatch_count=F("mismatch_count") + 1)
+        elif claim.outcome is Outcome.IN_FLIGHT:
             self._increment(claim.record_id, conflict_count=F("conflict_count") + 1)
 
     # -- complete / release ---------------------------------------------------------------
