@@ -159,3 +159,20 @@ def test_replay_counter_is_written_after_the_response_is_sent():
         assert IdempotencyRecord.objects.get().replay_count == 1
     finally:
         request_finished.connect(close_old_connections)
+
+
+@pytest.mark.requires_server_db
+@pytest.mark.django_db(transaction=True)
+def test_counters_leave_the_connections_commit_mode_alone(post):
+    from django.db import connection
+
+    post("/payments/", BODY, "mode")
+    assert post("/payments/", BODY, "mode")["Idempotent-Replayed"] == "true"
+    assert post("/payments/", {**BODY, "amount": 2}, "mode").status_code == 422
+    record = IdempotencyRecord.objects.get()
+    assert (record.replay_count, record.mismatch_count) == (1, 1)
+    assert record.last_replayed_at is not None
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW synchronous_commit")
+            assert cursor.fetchone()[0] == "on"
