@@ -107,6 +107,12 @@ def _type_problem(name: str, value: Any) -> str | None:
         isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1
     ):
         return "must be a number from 0 to 1."
+    if (
+        name == "MAX_RESPONSE_SIZE"
+        and value is not None
+        and (isinstance(value, bool) or not isinstance(value, int) or value < 1)
+    ):
+        return "must be a positive number of bytes, or None for no limit."
     if name == "CONFLICT" and value not in CONFLICT_CHOICES:
         return f"must be one of {', '.join(map(repr, CONFLICT_CHOICES))}."
     if name in IMPORT_STRINGS and value is not None and not isinstance(value, str):

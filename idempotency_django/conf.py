@@ -44,6 +44,10 @@ DEFAULTS: dict[str, Any] = {
     # For deployments without Celery beat: the fraction of executed requests (0.0 to 1.0)
     # after which one small batch of expired records is deleted. 0 disables it.
     "CLEANUP_PROBABILITY": 0.0,
+    # Largest response body, in bytes, that is stored for replay; None: no limit. A larger
+    # response is never sent as a success that could not be replayed: its writes roll back,
+    # the key is released and the client gets 500 idempotency_response_too_large.
+    "MAX_RESPONSE_SIZE": 1024 * 1024,
 }
 
 # Settings holding a dotted path that is imported on first access.

@@ -22,7 +22,14 @@ from django.http.request import RawPostDataException
 from idempotency_django import http, signals
 from idempotency_django.conf import idempotency_settings, to_timedelta
 from idempotency_django.models import IdempotencyRecord
-from idempotency_django.storage import BaseStorage, Claim, Outcome, RequestIdentity, get_storage
+from idempotency_django.storage import (
+    BaseStorage,
+    Claim,
+    Outcome,
+    RequestIdentity,
+    StoredResponse,
+    get_storage,
+)
 
 logger = logging.getLogger("idempotency_django")
 
@@ -249,14 +256,21 @@ def _execute(
                     "statement that may fail in its own transaction.atomic() block."
                 )
             response, stored = http.capture(response)
+            _check_size(stored)
             # Same transaction as the handler's writes: both commit, or neither does.
             if not storage.complete(claim, stored, ttl=ttl):
                 raise _LeaseLost
     except _StoreAfterRollback as deferred:
         # The handler's writes are rolled back; its (4xx) answer is still the one to replay.
         response, stored = http.capture(deferred.response)
+        try:
+            _check_size(stored)
+        except http.ResponseTooLarge as error:
+            return _too_large(storage, claim, error, context)
         if not storage.complete(claim, stored, ttl=ttl):
             return _lost_response()
+    except http.ResponseTooLarge as error:
+        return _too_large(storage, claim, error, context)
     except _Discard as discarded:
         # 5xx: nothing is stored and the key is released, so the client may retry at once.
         storage.release(claim)
@@ -272,6 +286,33 @@ def _execute(
         raise
     signals.executed.send(**context, status=response.status_code)
     return response
+
+
+def _check_size(stored: StoredResponse) -> None:
+    limit = idempotency_settings.MAX_RESPONSE_SIZE
+    if limit is not None and len(stored.body) > limit:
+        raise http.ResponseTooLarge(
+            f"The response ({len(stored.body)} bytes) is larger than the {limit} bytes that "
+            "can be stored for replay (IDEMPOTENCY['MAX_RESPONSE_SIZE']), so it was not sent "
+            "and its changes were rolled back. Nothing was stored: the key can be used again.",
+            handler_status=stored.status,
+        )
+
+
+def _too_large(
+    storage: BaseStorage,
+    claim: Claim,
+    error: http.ResponseTooLarge,
+    context: dict[str, Any],
+) -> HttpResponseBase:
+    storage.release(claim)
+    logger.error(
+        "idempotency key %(key)r in scope %(scope)r released: response larger than "
+        "MAX_RESPONSE_SIZE",
+        context,
+    )
+    signals.released.send(**context, status=error.handler_status)
+    return error.response()
 
 
 def _maybe_clean_up(storage: BaseStorage) -> None:

@@ -78,6 +78,18 @@ class KeyMismatch(IdempotencyError):
     title = "Idempotency-Key reused with a different request"
 
 
+class ResponseTooLarge(IdempotencyError):
+    # The handler's answer cannot be stored for replay, so it is not sent either: a success
+    # that a retry could not replay would let the retry execute a second time.
+    status = 500
+    code = "idempotency_response_too_large"
+    title = "Response too large to store for replay"
+
+    def __init__(self, detail: str, *, handler_status: int) -> None:
+        super().__init__(detail)
+        self.handler_status = handler_status
+
+
 def problem_response(
     status: int, code: str, title: str, detail: str, headers: dict[str, str] | None = None
 ) -> HttpResponse:

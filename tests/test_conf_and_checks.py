@@ -97,6 +97,8 @@ def test_e002_unknown_key_is_an_error(settings):
         ("HEADER", "Idempotency Key"),
         ("REPLAY_HEADER", ""),
         ("STORAGE", 42),
+        ("MAX_RESPONSE_SIZE", 0),
+        ("MAX_RESPONSE_SIZE", "1MB"),
     ],
 )
 def test_e003_wrong_type_or_value_is_an_error(settings, name, value):

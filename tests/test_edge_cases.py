@@ -99,3 +99,26 @@ def test_long_custom_scope_is_stored_as_its_hash(post, idempotency):
     scopes = list(IdempotencyRecord.objects.values_list("scope", flat=True))
     assert len(scopes) == 2
     assert all(scope.startswith("sha256:") and len(scope) <= 255 for scope in scopes)
+
+
+def test_response_larger_than_max_response_size_is_rolled_back_and_released(post, settings):
+    settings.IDEMPOTENCY = {"MAX_RESPONSE_SIZE": 10}
+    response = post("/payments/", BODY, "big")
+    assert response.status_code == 500
+    assert response["Content-Type"] == "application/problem+json"
+    assert response.json()["code"] == "idempotency_response_too_large"
+    assert Payment.objects.count() == 0
+    assert not IdempotencyRecord.objects.exists()
+
+    settings.IDEMPOTENCY = {}
+    assert post("/payments/", BODY, "big").status_code == 201
+    replay = post("/payments/", BODY, "big")
+    assert replay["Idempotent-Replayed"] == "true"
+    assert Payment.objects.count() == 1
+
+
+def test_max_response_size_is_inclusive_and_none_means_no_limit(post, settings):
+    size = len(post("/payments/", BODY, "measure").content)
+    for limit, key, expected in [(size - 1, "over", 500), (size, "at", 201), (None, "none", 201)]:
+        settings.IDEMPOTENCY = {"MAX_RESPONSE_SIZE": limit}
+        assert post("/payments/", BODY, key).status_code == expected, limit
