@@ -5,6 +5,7 @@ import time
 
 from django.db.models import F
 from django.http import JsonResponse
+from django.shortcuts import get_object_or_404
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 from drf_spectacular.utils import extend_schema
@@ -101,8 +102,12 @@ class WithdrawalResultSerializer(serializers.Serializer):
 @idempotent
 def deposit(request):
     """POST /api/deposit/ {"account": id, "amount": cents}"""
-    account = Account.objects.get(pk=request.data["account"])
-    Account.objects.filter(pk=account.pk).update(balance=F("balance") + int(request.data["amount"]))
+    deposit = DepositSerializer(data=request.data)
+    deposit.is_valid(raise_exception=True)
+    account = get_object_or_404(Account, pk=deposit.validated_data["account"])
+    Account.objects.filter(pk=account.pk).update(
+        balance=F("balance") + deposit.validated_data["amount"]
+    )
     _simulate(request)
     account.refresh_from_db()
     return Response(AccountSerializer(account).data, status=status.HTTP_201_CREATED)
@@ -115,9 +120,14 @@ def withdraw(request):
     """A plain Django view (no DRF): POST /api/withdraw/ {"account": id, "amount": cents}.
 
     Authentication here is Django's own (session); the demo's API calls use DRF's."""
-    data = json.loads(request.body or b"{}")
-    account = Account.objects.get(pk=data["account"])
-    amount = int(data["amount"])
+    try:
+        data = json.loads(request.body or b"{}")
+        account_id, amount = int(data["account"]), int(data["amount"])
+    except (ValueError, TypeError, KeyError):
+        return JsonResponse({"detail": 'send {"account": id, "amount": cents}'}, status=400)
+    if amount < 1:
+        return JsonResponse({"detail": "amount must be at least 1"}, status=400)
+    account = get_object_or_404(Account, pk=account_id)
     if account.balance < amount:
         return JsonResponse({"detail": "insufficient funds"}, status=400)
     Account.objects.filter(pk=account.pk).update(balance=F("balance") - amount)
