@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import Any
@@ -116,9 +117,10 @@ else:
     REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"] = "idempotency_django.openapi.AutoSchema"
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 SILENCED_SYSTEM_CHECKS = ["idempotency_django.W001"] if DATABASE == "sqlite" else []
-IDEMPOTENCY: dict[str, object] = {}
+# A server started by a test (tests/test_faults.py) may be given its own settings, as JSON.
+IDEMPOTENCY: dict[str, object] = json.loads(os.environ.get("IDEMPOTENCY_TEST_SETTINGS", "{}"))
 
-# A worker process started by a test (Celery end-to-end) uses the test database itself.
+# A process started by a test (Celery worker, gunicorn) uses the test database itself.
 if os.environ.get("IDEMPOTENCY_TEST_DB_NAME"):
     DATABASES["default"]["NAME"] = os.environ["IDEMPOTENCY_TEST_DB_NAME"]
 
