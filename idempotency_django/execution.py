@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final
 
-from django.db import DatabaseError, connections, transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, connections, transaction
 from django.db.transaction import TransactionManagementError
 from django.http import HttpRequest, HttpResponseBase
 from django.http.request import RawPostDataException
@@ -140,7 +140,11 @@ def run(request: Any, call: Callable[[], HttpResponseBase], options: Options) ->
         return error.response()
     storage = get_storage()
     ttl = options.resolved_ttl()
-    claim = _claim(storage, identity, ttl, options.resolved_conflict())
+    try:
+        claim = _claim(storage, identity, ttl, options.resolved_conflict())
+    except (OperationalError, InterfaceError):
+        logger.exception("idempotency key %r: the database is unavailable", identity.key)
+        return http.unavailable().response()
     context = {
         "sender": IdempotencyRecord,
         "request": request,
@@ -279,6 +283,17 @@ def _execute(
         return discarded.response
     except _LeaseLost:
         return _lost_response()
+    except (OperationalError, InterfaceError):
+        # The connection failed (killed, server gone): the transaction rolled back, so
+        # nothing committed. Release the key (on a new connection if need be) and say so.
+        released = storage.release(claim)
+        logger.exception(
+            "idempotency key %(key)r in scope %(scope)r: the database failed mid-request "
+            "(key %(released)s)",
+            {**context, "released": "released" if released else "left to its lease"},
+        )
+        signals.released.send(**context, status=None)
+        return http.unavailable().response()
     except BaseException:
         storage.release(claim)
         logger.info("idempotency key %(key)r in scope %(scope)r released after an error", context)

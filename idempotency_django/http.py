@@ -78,6 +78,21 @@ class KeyMismatch(IdempotencyError):
     title = "Idempotency-Key reused with a different request"
 
 
+class StorageUnavailable(IdempotencyError):
+    # The database failed at the connection level (server down, connection killed): nothing
+    # committed, so the client may retry the same key; 503 says the failure is temporary.
+    status = 503
+    code = "idempotency_storage_unavailable"
+    title = "The database is unavailable"
+
+
+def unavailable() -> StorageUnavailable:
+    return StorageUnavailable(
+        "The database was unavailable, so nothing was done. Retry with the same key.",
+        headers={"Retry-After": "1"},
+    )
+
+
 class ResponseTooLarge(IdempotencyError):
     # The handler's answer cannot be stored for replay, so it is not sent either: a success
     # that a retry could not replay would let the retry execute a second time.

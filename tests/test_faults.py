@@ -152,6 +152,7 @@ def test_worker_killed_mid_handler_blocks_with_409_until_the_lease_ends_then_run
     time.sleep(max(0.0, 3.2 - (time.monotonic() - killed_at)))
     status, created, _ = app.post(key, body)
     assert status == 201
+    assert created["reference"] == reference
     assert Payment.objects.filter(reference=reference).count() == 1
 
     status, replayed, headers = app.post(key, body)
@@ -177,3 +178,40 @@ def test_slow_original_taken_over_rolls_back_and_exactly_one_execution_commits(s
     assert original_problem["code"] == "idempotency_key_in_use"
     assert Payment.objects.filter(reference=reference).count() == 1
     assert app.post(key, body)[1] == created
+
+
+def test_connection_killed_mid_request_fails_with_503_stores_nothing_and_the_retry_runs_once(
+    server,
+):
+    app = server(workers=1)
+    key, reference = str(uuid.uuid4()), f"terminated-{uuid.uuid4().hex[:8]}"
+    body = {"reference": reference, "amount": 1, "sleep": 1.5}
+    answers: list[tuple[int, Any, dict]] = []
+    original = threading.Thread(target=lambda: answers.append(app.post(key, body)))
+    original.start()
+
+    def handler_in_transaction() -> list[int]:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND state = 'idle in transaction'"
+            )
+            return [pid for (pid,) in cursor.fetchall()]
+
+    _wait_for(lambda: bool(handler_in_transaction()), 10)
+    with connection.cursor() as cursor:
+        for pid in handler_in_transaction():
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    original.join(timeout=30)
+
+    ((status, problem, headers),) = answers
+    assert status == 503
+    assert headers["Content-Type"] == "application/problem+json"
+    assert problem["code"] == "idempotency_storage_unavailable"
+    assert Payment.objects.filter(reference=reference).count() == 0
+    assert not IdempotencyRecord.objects.filter(key=key).exists()  # released at once
+
+    status, created, _ = app.post(key, body)
+    assert status == 201
+    assert created["reference"] == reference
+    assert Payment.objects.filter(reference=reference).count() == 1

@@ -389,7 +389,20 @@ class DatabaseStorage(BaseStorage):
                     .delete()
                 )
         except DatabaseError:
-            # The connection may be what failed. The record then stays "processing" and
-            # blocks retries until its lease runs out, which is safe: nothing committed.
-            return False
+            # The connection may be what failed. Outside a transaction, try once more on a
+            # new connection; otherwise (or if that fails too) the record stays "processing"
+            # and blocks retries until its lease runs out, which is safe: nothing committed.
+            connection = connections[self.alias]
+            if connection.in_atomic_block:
+                return False
+            connection.close()
+            try:
+                deleted, _ = (
+                    self._records()
+                    .filter(pk=claim.record_id, lease_owner=claim.token, state=State.PROCESSING)
+                    .delete()
+                )
+            except DatabaseError:
+                logger.warning("idempotency key not released: the database is unavailable")
+                return False
         return bool(deleted == 1)
