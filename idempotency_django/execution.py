@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final
 
-from django.db import DatabaseError, InterfaceError, OperationalError, connections, transaction
+from django.db import DatabaseError, connections, transaction
 from django.db.transaction import TransactionManagementError
 from django.http import HttpRequest, HttpResponseBase
 from django.http.request import RawPostDataException
@@ -30,6 +30,7 @@ from idempotency_django.storage import (
     StoredResponse,
     get_storage,
 )
+from idempotency_django.storage.database import is_connection_lost
 
 logger = logging.getLogger("idempotency_django")
 
@@ -142,7 +143,9 @@ def run(request: Any, call: Callable[[], HttpResponseBase], options: Options) ->
     ttl = options.resolved_ttl()
     try:
         claim = _claim(storage, identity, ttl, options.resolved_conflict())
-    except (OperationalError, InterfaceError):
+    except DatabaseError as error:
+        if not is_connection_lost(error, storage.alias):
+            raise
         logger.exception("idempotency key %r: the database is unavailable", identity.key)
         return http.unavailable().response()
     context = {
@@ -193,7 +196,7 @@ def _counted(storage: BaseStorage, claim: Claim, response: HttpResponseBase) -> 
     def count_then_close() -> None:
         try:
             storage.note_answer(claim)
-        except DatabaseError:
+        except Exception:
             logger.exception("idempotency counters not updated")
         finally:
             close()
@@ -277,30 +280,51 @@ def _execute(
         return _too_large(storage, claim, error, context)
     except _Discard as discarded:
         # 5xx: nothing is stored and the key is released, so the client may retry at once.
-        storage.release(claim)
-        logger.info("idempotency key %(key)r in scope %(scope)r released after a 5xx", context)
-        signals.released.send(**context, status=discarded.response.status_code)
+        _release(storage, claim, context, discarded.response.status_code, "a 5xx")
         return discarded.response
     except _LeaseLost:
         return _lost_response()
-    except (OperationalError, InterfaceError):
-        # The connection failed (killed, server gone): the transaction rolled back, so
-        # nothing committed. Release the key (on a new connection if need be) and say so.
-        released = storage.release(claim)
-        logger.exception(
-            "idempotency key %(key)r in scope %(scope)r: the database failed mid-request "
-            "(key %(released)s)",
-            {**context, "released": "released" if released else "left to its lease"},
-        )
-        signals.released.send(**context, status=None)
-        return http.unavailable().response()
-    except BaseException:
-        storage.release(claim)
-        logger.info("idempotency key %(key)r in scope %(scope)r released after an error", context)
-        signals.released.send(**context, status=None)
+    except BaseException as error:
+        if isinstance(error, DatabaseError) and is_connection_lost(error, alias):
+            # The connection failed (killed, server gone): the transaction rolled back, so
+            # nothing committed. Release the key (on a new connection if need be) and say so.
+            logger.error(
+                "idempotency key %(key)r in scope %(scope)r: the database connection was "
+                "lost mid-request",
+                context,
+                exc_info=True,
+            )
+            _release(storage, claim, context, None, "a lost database connection")
+            return http.unavailable().response()
+        # Any other error (including a statement or lock timeout on a healthy connection):
+        # the handler's writes rolled back, the key is released, and the error propagates
+        # to the application's own error handling.
+        _release(storage, claim, context, None, "an error")
         raise
     signals.executed.send(**context, status=response.status_code)
     return response
+
+
+def _release(
+    storage: BaseStorage,
+    claim: Claim,
+    context: dict[str, Any],
+    status: int | None,
+    reason: str,
+) -> None:
+    """Release the key after a failed execution; ``released`` fires only if it was."""
+    if storage.release(claim):
+        logger.info(
+            "idempotency key %(key)r in scope %(scope)r released after %(reason)s",
+            {**context, "reason": reason},
+        )
+        signals.released.send(**context, status=status)
+    else:
+        logger.warning(
+            "idempotency key %(key)r in scope %(scope)r not released after %(reason)s: it "
+            "stays in flight until its lease runs out",
+            {**context, "reason": reason},
+        )
 
 
 def _check_size(stored: StoredResponse) -> None:
@@ -320,13 +344,11 @@ def _too_large(
     error: http.ResponseTooLarge,
     context: dict[str, Any],
 ) -> HttpResponseBase:
-    storage.release(claim)
     logger.error(
-        "idempotency key %(key)r in scope %(scope)r released: response larger than "
-        "MAX_RESPONSE_SIZE",
+        "idempotency key %(key)r in scope %(scope)r: response larger than MAX_RESPONSE_SIZE",
         context,
     )
-    signals.released.send(**context, status=error.handler_status)
+    _release(storage, claim, context, error.handler_status, "a response too large to store")
     return error.response()
 
 

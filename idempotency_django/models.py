@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -72,34 +70,19 @@ def _expired_id_bounds(model: Any, alias: str, now: datetime) -> tuple[int, int]
     return None if low is None or high is None else (int(low), int(high))
 
 
-@contextmanager
-def _postgresql_cleanup_session(alias: str) -> Iterator[None]:
-    """Set ``lock_timeout`` once for a whole run (one statement per batch instead of three)
-    and put the session's own value back afterwards."""
-    with connections[alias].cursor() as cursor:
-        cursor.execute(
-            "SELECT current_setting('lock_timeout'), set_config('lock_timeout', %s, false)",
-            [CLEANUP_LOCK_TIMEOUT],
-        )
-        previous = cursor.fetchone()[0]
-    try:
-        yield
-    finally:
-        with connections[alias].cursor() as cursor:
-            cursor.execute("SELECT set_config('lock_timeout', %s, false)", [previous])
-
-
 def _delete_range_postgresql(model: Any, alias: str, now: datetime, low: int, high: int) -> int:
-    """Delete the expired rows with ``low <= pk < high``: one statement, its own transaction
-    (or a savepoint when called inside one).
+    """Delete the expired rows with ``low <= pk < high`` in one statement.
 
     A primary-key range delete is nearly as fast per row as one big ``DELETE`` (no
     ``LIMIT`` subquery, no row-by-row lookups). Expired rows are almost never locked (only
-    while a request reuses one), so the range is first deleted under the short
-    ``lock_timeout`` that :func:`_postgresql_cleanup_session` set; if it meets a row an
-    in-flight request holds, it is redone selecting ``FOR UPDATE SKIP LOCKED``, leaving that
-    row for a later run. Cleanup never waits on live traffic for longer than
-    ``CLEANUP_LOCK_TIMEOUT``.
+    while a request reuses one), so outside a transaction the range is first deleted under
+    a ``lock_timeout`` of ``CLEANUP_LOCK_TIMEOUT``, set by the statement itself with
+    ``set_config(..., true)``: it lasts for that statement's own transaction only, so no
+    session state is left behind (safe behind PgBouncer's transaction pooling). If it meets
+    a row an in-flight request holds, the range is redone selecting ``FOR UPDATE SKIP
+    LOCKED``, leaving that row for a later run. Inside a caller's transaction only the
+    ``SKIP LOCKED`` form is used, so the caller's own ``lock_timeout`` is never changed.
+    Cleanup never waits on live traffic for longer than ``CLEANUP_LOCK_TIMEOUT``.
 
     Each batch commits synchronously on purpose: with ``synchronous_commit = off`` its WAL
     would be flushed by whichever live request commits next, and that request would wait for
@@ -110,27 +93,26 @@ def _delete_range_postgresql(model: Any, alias: str, now: datetime, low: int, hi
     pk = connection.ops.quote_name(model._meta.pk.column)
     where = f"{pk} >= %s AND {pk} < %s AND expires_at <= %s"
     params: list[Any] = [low, high, now]
-
-    def statement_scope() -> AbstractContextManager[Any]:
-        # Outside a transaction each statement commits by itself (one round trip); inside
-        # one, a savepoint lets a lock timeout be recovered from.
-        return transaction.atomic(using=alias) if connection.in_atomic_block else nullcontext()
-
     with connection.cursor() as cursor:
-        try:
-            with statement_scope():
-                cursor.execute(f"DELETE FROM {table} WHERE {where}", params)
+        if not connection.in_atomic_block:
+            try:
+                # Autocommit: the statement is its own transaction, one round trip.
+                cursor.execute(
+                    f"DELETE FROM {table} USING"
+                    " (SELECT set_config('lock_timeout', %s, true)) AS cleanup_settings"
+                    f" WHERE {where}",
+                    [CLEANUP_LOCK_TIMEOUT, *params],
+                )
                 return int(cursor.rowcount)
-        except OperationalError as error:
-            if getattr(error.__cause__, "sqlstate", None) != "55P03":  # lock_not_available
-                raise
-        with statement_scope():
-            cursor.execute(
-                f"DELETE FROM {table} WHERE ctid = ANY(ARRAY("
-                f"SELECT ctid FROM {table} WHERE {where} FOR UPDATE SKIP LOCKED))",
-                params,
-            )
-            return int(cursor.rowcount)
+            except OperationalError as error:
+                if getattr(error.__cause__, "sqlstate", None) != "55P03":  # lock_not_available
+                    raise
+        cursor.execute(
+            f"DELETE FROM {table} WHERE ctid = ANY(ARRAY("
+            f"SELECT ctid FROM {table} WHERE {where} FOR UPDATE SKIP LOCKED))",
+            params,
+        )
+        return int(cursor.rowcount)
 
 
 class IdempotencyRecordQuerySet(models.QuerySet["IdempotencyRecord"]):
@@ -193,16 +175,13 @@ class IdempotencyRecordQuerySet(models.QuerySet["IdempotencyRecord"]):
         if connections[alias].vendor == "postgresql" and not self.query.where and not max_batches:
             # A full run on PostgreSQL walks primary-key ranges (see _delete_range_postgresql).
             bounds = _expired_id_bounds(self.model, alias, now)
-            with _postgresql_cleanup_session(alias):
-                for low in range(bounds[0], bounds[1] + 1, batch_size) if bounds else ():
-                    if pause and batches:
-                        time.sleep(pause)
-                    batch_started = time.monotonic()
-                    deleted += _delete_range_postgresql(
-                        self.model, alias, now, low, low + batch_size
-                    )
-                    batches += 1
-                    longest = max(longest, time.monotonic() - batch_started)
+            for low in range(bounds[0], bounds[1] + 1, batch_size) if bounds else ():
+                if pause and batches:
+                    time.sleep(pause)
+                batch_started = time.monotonic()
+                deleted += _delete_range_postgresql(self.model, alias, now, low, low + batch_size)
+                batches += 1
+                longest = max(longest, time.monotonic() - batch_started)
             return CleanupResult(deleted, batches, time.monotonic() - started, longest)
         while max_batches is None or batches < max_batches:
             if pause and batches:

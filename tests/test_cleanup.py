@@ -175,6 +175,12 @@ def test_cleanup_leaves_the_connections_lock_timeout_as_it_found_it():
     with connection.cursor() as cursor:
         cursor.execute("SHOW lock_timeout")
         assert cursor.fetchone()[0] == "7s"
+    make_records(expired=2)
+    with transaction.atomic():
+        assert IdempotencyRecord.objects.delete_expired(batch_size=2).deleted == 2
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW lock_timeout")
+            assert cursor.fetchone()[0] == "7s"
 
 
 def test_cleanup_inside_a_transaction_deletes_in_savepoints_and_keeps_the_transaction():

@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.db import DatabaseError, OperationalError, connection
 from django.utils import timezone
 from rest_framework.decorators import api_view
 from rest_framework.response import Response
@@ -122,3 +123,37 @@ def test_max_response_size_is_inclusive_and_none_means_no_limit(post, settings):
     for limit, key, expected in [(size - 1, "over", 500), (size, "at", 201), (None, "none", 201)]:
         settings.IDEMPOTENCY = {"MAX_RESPONSE_SIZE": limit}
         assert post("/payments/", BODY, key).status_code == expected, limit
+
+
+def test_database_error_on_a_healthy_connection_propagates_and_releases_the_key(post):
+    # A statement timeout (PostgreSQL, MariaDB) or a missing table (SQLite) is the
+    # application's error, not an outage: no 503, the error reaches the error handling.
+    body = {**BODY, "outcome": "statement_timeout"}
+    with pytest.raises(OperationalError):
+        post("/payments/", body, "timeout")
+    assert Payment.objects.count() == 0
+    assert not IdempotencyRecord.objects.exists()  # released: a retry runs at once
+    response = post("/payments/", BODY, "other")
+    assert response.status_code == 201
+
+    client = APIClient(raise_request_exception=False)
+    response = post("/payments/", body, "timeout", via=client)
+    assert response.status_code == 500
+    assert "idempotency_storage_unavailable" not in response.content.decode()
+    assert not IdempotencyRecord.objects.filter(key="timeout").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_missing_table_while_claiming_is_an_error_not_a_503(post):
+    table = connection.ops.quote_name(IdempotencyRecord._meta.db_table)
+    hidden = connection.ops.quote_name("idempotency_hidden")
+    with connection.cursor() as cursor:
+        cursor.execute(f"ALTER TABLE {table} RENAME TO {hidden}")
+    try:
+        with pytest.raises(DatabaseError):
+            post("/payments/", BODY, "no-table")
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"ALTER TABLE {hidden} RENAME TO {table}")
+    assert Payment.objects.count() == 0
+    assert post("/payments/", BODY, "no-table").status_code == 201

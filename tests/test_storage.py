@@ -99,3 +99,23 @@ def test_ttl_none_completes_without_expiry():
     claim = storage.claim(identity(), lease=LEASE, ttl=None)
     storage.complete(claim, RESPONSE, ttl=None)
     assert IdempotencyRecord.objects.get().expires_at is None
+
+
+def test_counters_never_land_on_a_later_lifetime_of_the_same_row():
+    storage = get_storage()
+    claim = storage.claim(identity(), lease=LEASE, ttl=TTL)
+    storage.complete(claim, RESPONSE, ttl=TTL)
+    replay = storage.claim(identity(), lease=LEASE, ttl=TTL)
+    assert replay.outcome is Outcome.REPLAY
+    # The record expires and the row is reused for a new request before the replay's
+    # counter is written (it is written after the response has been sent).
+    IdempotencyRecord.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
+    fresh = storage.claim(identity(fingerprint="other"), lease=LEASE, ttl=TTL)
+    assert fresh.outcome is Outcome.CLAIMED
+    assert fresh.record_id == replay.record_id
+    storage.note_answer(replay)
+    assert IdempotencyRecord.objects.get().replay_count == 0
+    storage.complete(fresh, RESPONSE, ttl=TTL)
+    second = storage.claim(identity(fingerprint="other"), lease=LEASE, ttl=TTL)
+    storage.note_answer(second)
+    assert IdempotencyRecord.objects.get().replay_count == 1

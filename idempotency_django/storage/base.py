@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,9 @@ class Claim:
     taken_over: bool = False
     response: StoredResponse | None = None
     retry_after: timedelta | None = None
-    # False when the storage cannot safely write counters for this answer.
-    countable: bool = True
+    # When the record this answer came from was created: a record's row can be reused for a
+    # new lifetime once it expired, and counters must not be written to the new one.
+    record_created_at: datetime | None = None
 
 
 class BaseStorage:

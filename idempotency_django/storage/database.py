@@ -25,7 +25,16 @@ from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import DatabaseError, IntegrityError, connections, models, router, transaction
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connections,
+    models,
+    router,
+    transaction,
+)
 from django.db.models import Q
 from django.utils import timezone
 
@@ -67,7 +76,7 @@ def _lookup_sql(connection: Any) -> str:
     quote = connection.ops.quote_name
     return (
         f"SELECT * FROM {quote(IdempotencyRecord._meta.db_table)} "
-        f"WHERE {quote('scope')} = %s AND {quote('key')} = %s"
+        f"WHERE {quote(_column('scope'))} = %s AND {quote(_column('key'))} = %s"
     )
 
 
@@ -88,6 +97,34 @@ def is_lock_conflict(error: DatabaseError) -> bool:
         return True
     # SQLite: another connection holds the database lock past the busy timeout.
     return "database is locked" in str(cause)
+
+
+# Errors that mean "the connection is gone" rather than "this statement failed": PostgreSQL's
+# connection_exception class (08xxx) and admin_shutdown, crash_shutdown, cannot_connect_now;
+# MySQL/MariaDB client errors for a server that went away or a connection lost or killed.
+_CONNECTION_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
+_CONNECTION_MYSQL_CODES = frozenset({1927, 2002, 2003, 2006, 2013, 2055, 4031})
+
+
+def is_connection_lost(error: BaseException, alias: str) -> bool:
+    """Whether ``error`` means the database connection on ``alias`` was lost or could not be
+    opened (server down, backend killed), as opposed to a statement that failed on a healthy
+    connection (a missing table, a timeout, a bad value)."""
+    if isinstance(error, InterfaceError):
+        return True
+    if not isinstance(error, OperationalError):
+        return False
+    cause = error.__cause__ or error
+    sqlstate = getattr(cause, "sqlstate", None) or ""
+    if sqlstate.startswith("08") or sqlstate in _CONNECTION_SQLSTATES:
+        return True
+    args = getattr(cause, "args", ())
+    if args and args[0] in _CONNECTION_MYSQL_CODES:
+        return True
+    raw = connections[alias].connection
+    # Never opened (connecting failed), dropped by Django after a failed rollback, or marked
+    # closed or broken by the driver (psycopg).
+    return raw is None or bool(getattr(raw, "closed", False)) or bool(getattr(raw, "broken", False))
 
 
 def _new_token() -> str:
@@ -200,27 +237,26 @@ class DatabaseStorage(BaseStorage):
                     return claimed
                 raced = True
                 continue
-            # Counters are written by note_answer(), after the response has been sent.
-            # They are skipped after a lost race inside an outer transaction: this request
-            # then holds a shared lock on the row, and upgrading it can deadlock with
-            # another retry waiting on the same key.
-            count = not share_lock
+            # Counters are written by note_answer(), after the response has been sent (and
+            # after an ATOMIC_REQUESTS transaction has ended, so no lock is upgraded).
             if record.fingerprint != identity.fingerprint:
-                return Claim(Outcome.MISMATCH, record_id=record.pk, countable=count)
+                return Claim(
+                    Outcome.MISMATCH, record_id=record.pk, record_created_at=record.created_at
+                )
             if record.state == State.COMPLETED:
                 return Claim(
                     Outcome.REPLAY,
                     record_id=record.pk,
+                    record_created_at=record.created_at,
                     response=_stored(record),
-                    countable=count,
                 )
             if not lease_over:
                 assert record.lease_expires_at is not None
                 return Claim(
                     Outcome.IN_FLIGHT,
                     record_id=record.pk,
+                    record_created_at=record.created_at,
                     retry_after=record.lease_expires_at - now,
-                    countable=count,
                 )
             # The owner's lease ran out: its worker died or is too slow. Take the key over;
             # the old owner's completion will then match no row and roll back.
@@ -305,7 +341,7 @@ class DatabaseStorage(BaseStorage):
         return Claim(Outcome.CLAIMED, record_id=record.pk, token=token, taken_over=taken_over)
 
     def _increment(
-        self, record_id: int, counter: str, *, replayed_at: datetime | None = None
+        self, claim: Claim, counter: str, *, replayed_at: datetime | None = None
     ) -> None:
         """Add one to a monitoring counter. Best effort: a counter is never worth failing or
         delaying an answer, so lock errors (the row may be held by its original until it
@@ -314,7 +350,8 @@ class DatabaseStorage(BaseStorage):
         One hand-written statement: this runs after every replay, 409 and 422. On PostgreSQL,
         outside a transaction, it commits asynchronously (``set_config(..., true)`` lasts for
         the statement's own transaction): it never waits for a WAL flush, and a crash can only
-        lose a count."""
+        lose a count. The row must still be in the lifetime the answer came from (same
+        ``created_at``): an expired record's row may have been reused since."""
         connection = connections[self.alias]
         quote = connection.ops.quote_name
         column = quote(_column(counter))
@@ -323,7 +360,11 @@ class DatabaseStorage(BaseStorage):
         if replayed_at is not None:
             assignments.append(f"{quote(_column('last_replayed_at'))} = %s")
             params.append(connection.ops.adapt_datetimefield_value(replayed_at))
-        asynchronous = connection.vendor == "postgresql" and not self._in_transaction()
+        asynchronous = (
+            connection.vendor == "postgresql"
+            and connection.get_autocommit()
+            and not self._in_transaction()
+        )
         source = (
             " FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit"
             if asynchronous
@@ -331,11 +372,12 @@ class DatabaseStorage(BaseStorage):
         )
         sql = (
             f"UPDATE {quote(IdempotencyRecord._meta.db_table)} SET {', '.join(assignments)}"
-            f"{source} WHERE {quote(_column('id'))} = %s"
+            f"{source} WHERE {quote(_column('id'))} = %s AND {quote(_column('created_at'))} = %s"
         )
+        created_at = connection.ops.adapt_datetimefield_value(claim.record_created_at)
         try:
             with self._statement_savepoint(), connection.cursor() as cursor:
-                cursor.execute(sql, [*params, record_id])
+                cursor.execute(sql, [*params, claim.record_id, created_at])
         except DatabaseError as error:
             if not is_lock_conflict(error):
                 raise
@@ -352,14 +394,14 @@ class DatabaseStorage(BaseStorage):
             logger.exception("idempotency cleanup batch failed")
 
     def note_answer(self, claim: Claim) -> None:
-        if claim.record_id is None or not claim.countable:
+        if claim.record_id is None or claim.record_created_at is None:
             return
         if claim.outcome is Outcome.REPLAY:
-            self._increment(claim.record_id, "replay_count", replayed_at=timezone.now())
+            self._increment(claim, "replay_count", replayed_at=timezone.now())
         elif claim.outcome is Outcome.MISMATCH:
-            self._increment(claim.record_id, "mismatch_count")
+            self._increment(claim, "mismatch_count")
         elif claim.outcome is Outcome.IN_FLIGHT:
-            self._increment(claim.record_id, "conflict_count")
+            self._increment(claim, "conflict_count")
 
     # -- complete / release ---------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """Endpoints the tests drive. Each committed execution writes one ``Payment`` row.
 
 The request body steers the handler: ``sleep`` (seconds, inside the transaction),
-``outcome`` = ``ok`` | ``error500`` | ``raise`` | ``invalid`` | ``rollback4xx``.
+``outcome`` = ``ok`` | ``error500`` | ``raise`` | ``invalid`` | ``rollback4xx`` |
+``statement_timeout`` (a query the database cancels) | ``lock_timeout`` (waits for the
+lock on the payment named by ``locked``, which the test holds, and gives up).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import time
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from rest_framework import generics, serializers, status, viewsets
 from rest_framework.decorators import action, api_view
@@ -52,7 +54,32 @@ def _act(data: Any, user: Any) -> tuple[int, dict[str, Any]]:
         raise ValidationError({"amount": ["declined"]})
     if outcome == "reject4xx":
         return 402, {"detail": "insufficient funds", "payment": payment.pk}
+    if outcome == "statement_timeout":
+        _run_past_statement_timeout()
+    if outcome == "lock_timeout":
+        _wait_past_lock_timeout(str(data.get("locked", "")))
     return 201, PaymentSerializer(payment).data
+
+
+def _run_past_statement_timeout() -> None:
+    """A query the database cancels after 50 ms: an OperationalError on a healthy connection."""
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SET LOCAL statement_timeout = '50ms'")
+            cursor.execute("SELECT pg_sleep(5)")
+        elif connection.vendor == "mysql":
+            cursor.execute("SET STATEMENT max_statement_time = 0.05 FOR SELECT SLEEP(5)")
+        else:  # SQLite has no statement timeout; a missing table fails the same way.
+            cursor.execute("SELECT * FROM no_such_table")
+
+
+def _wait_past_lock_timeout(reference: str) -> None:
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SET LOCAL lock_timeout = '200ms'")
+        elif connection.vendor == "mysql":
+            cursor.execute("SET SESSION innodb_lock_wait_timeout = 1")
+    Payment.objects.select_for_update().filter(reference=reference).first()
 
 
 def _with_headers(response: HttpResponse, payment_id: Any) -> HttpResponse:
