@@ -123,6 +123,9 @@ IDEMPOTENCY: dict[str, object] = json.loads(os.environ.get("IDEMPOTENCY_TEST_SET
 # A process started by a test (Celery worker, gunicorn) uses the test database itself.
 if os.environ.get("IDEMPOTENCY_TEST_DB_NAME"):
     DATABASES["default"]["NAME"] = os.environ["IDEMPOTENCY_TEST_DB_NAME"]
+# Such a server may keep its connections open between requests, as a deployment would.
+if os.environ.get("IDEMPOTENCY_TEST_CONN_MAX_AGE"):
+    DATABASES["default"]["CONN_MAX_AGE"] = int(os.environ["IDEMPOTENCY_TEST_CONN_MAX_AGE"])
 
 # Celery, for the end-to-end cleanup test (tests/celery_app.py). Redis db 15, test-only.
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")

@@ -4,25 +4,19 @@ database. Each test is bounded in time and counts the side effects that committe
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 
 from idempotency_django.models import IdempotencyRecord
+from tests.servers import GUNICORN, Answer, DatabaseProxy, Server, start_gunicorn, wait_for
 from tests.testapp.models import Payment
 
 pytestmark = [
@@ -30,32 +24,6 @@ pytestmark = [
     pytest.mark.requires_server_db,
     pytest.mark.django_db(transaction=True),
 ]
-
-ROOT = Path(__file__).resolve().parent.parent
-GUNICORN = Path(sys.executable).parent / "gunicorn"
-
-
-class Server:
-    def __init__(self, process: subprocess.Popen[bytes], port: int) -> None:
-        self.process = process
-        self.url = f"http://127.0.0.1:{port}"
-
-    def workers(self) -> list[int]:
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        return [int(pid) for pid in children.read_text().split()]
-
-    def post(self, key: str, body: dict[str, Any], timeout: float = 30) -> tuple[int, Any, dict]:
-        request = urllib.request.Request(
-            f"{self.url}/payments/",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", "Idempotency-Key": key},
-            method="POST",
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, json.loads(response.read()), dict(response.headers)
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read() or b"null"), dict(error.headers)
 
 
 @pytest.fixture
@@ -66,59 +34,16 @@ def server() -> Iterator[Callable[..., Server]]:
         pytest.skip("gunicorn comes with the dev extra")
     started: list[Server] = []
 
-    def start(workers: int = 2, **idempotency: Any) -> Server:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        env = {
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "tests.settings",
-            "TEST_DATABASE": "postgres",
-            "IDEMPOTENCY_TEST_DB_NAME": connection.settings_dict["NAME"],
-            "IDEMPOTENCY_TEST_SETTINGS": json.dumps(idempotency),
-            "PYTHONPATH": str(ROOT),
-        }
-        process = subprocess.Popen(
-            [
-                str(GUNICORN),
-                "--workers",
-                str(workers),
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--timeout",
-                "60",
-                "django.core.wsgi:get_wsgi_application()",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        server = Server(process, port)
-        started.append(server)
-        deadline = time.monotonic() + 30
-        while len(server.workers()) < workers or not _listening(port):
-            assert process.poll() is None, "gunicorn exited"
-            assert time.monotonic() < deadline, "gunicorn did not start"
-            time.sleep(0.1)
-        return server
+    def start(workers: int = 2, database_port: int | None = None, **idempotency: Any) -> Server:
+        started.append(start_gunicorn(workers, database_port, **idempotency))
+        return started[-1]
 
     yield start
-    for server in started:
-        server.process.terminate()
-        server.process.wait(timeout=15)
+    for running in started:
+        running.stop()
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _wait_for(condition: Callable[[], bool], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+_wait_for = wait_for
 
 
 def _in_background(call: Callable[[], Any]) -> threading.Thread:
@@ -177,7 +102,7 @@ def test_slow_original_taken_over_rolls_back_and_exactly_one_execution_commits(s
     assert original_status == 409  # it lost its lease: its writes were rolled back
     assert original_problem["code"] == "idempotency_key_in_use"
     assert Payment.objects.filter(reference=reference).count() == 1
-    assert app.post(key, body)[1] == created
+    assert app.post(key, body).body == created
 
 
 def test_connection_killed_mid_request_fails_with_503_stores_nothing_and_the_retry_runs_once(
@@ -215,3 +140,130 @@ def test_connection_killed_mid_request_fails_with_503_stores_nothing_and_the_ret
     assert status == 201
     assert created["reference"] == reference
     assert Payment.objects.filter(reference=reference).count() == 1
+
+
+@pytest.fixture
+def database_proxy() -> Iterator[DatabaseProxy]:
+    proxy = DatabaseProxy(int(connection.settings_dict["PORT"] or 5432))
+    yield proxy
+    proxy.close()
+
+
+def test_database_unreachable_for_a_moment_gives_503s_only_and_leaves_nothing_stuck(
+    server, database_proxy
+):
+    lease = 4
+    app = server(workers=3, database_port=database_proxy.port, PROCESSING_TIMEOUT=lease)
+    answers: list[tuple[float, str, Answer]] = []
+    stop_new_keys = threading.Event()
+    keys: list[str] = []
+
+    def operation(key: str, body: dict[str, Any], deadline: float) -> None:
+        keys.append(key)
+        while time.monotonic() < deadline:  # retry this operation until it is done
+            answer = app.post(key, body, timeout=10)
+            answers.append((time.monotonic(), key, answer))
+            if answer.status == 201:
+                return
+            time.sleep(0.1)
+
+    def client(number: int) -> None:
+        deadline = time.monotonic() + 40
+        sequence = 0
+        while not stop_new_keys.is_set() and time.monotonic() < deadline:
+            key = f"outage-{number}-{sequence}-{uuid.uuid4().hex[:6]}"
+            operation(key, {"reference": key, "amount": 1, "sleep": 0.05}, deadline)
+            sequence += 1
+
+    clients = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for thread in clients:
+        thread.start()
+    time.sleep(1.5)
+    # One request is inside its handler when the database goes away: its transaction is
+    # lost and its key cannot be released until the database is back.
+    slow_key = f"outage-slow-{uuid.uuid4().hex[:6]}"
+    slow = threading.Thread(
+        target=operation,
+        args=(slow_key, {"reference": slow_key, "amount": 1, "sleep": 1}, time.monotonic() + 40),
+    )
+    slow.start()
+    wait_for(lambda: IdempotencyRecord.objects.filter(key=slow_key).exists(), 10)
+    database_proxy.cut()
+    cut_at = time.monotonic()
+    time.sleep(2)
+    database_proxy.restore()
+    restored_at = time.monotonic()
+    time.sleep(2)
+    stop_new_keys.set()
+    for thread in [*clients, slow]:
+        thread.join(timeout=45)
+
+    statuses = [answer.status for _, _, answer in answers]
+    unavailable = [answer for _, _, answer in answers if answer.status == 503]
+    in_flight = [answer for _, _, answer in answers if answer.status == 409]
+    assert set(statuses) <= {201, 409, 503}, sorted(set(statuses))
+    for answer in unavailable:
+        assert answer.headers["Content-Type"] == "application/problem+json"
+        assert answer.body["code"] == "idempotency_storage_unavailable"
+        assert answer.headers["Retry-After"] == "1"
+    slow_statuses = [answer.status for _, key, answer in answers if key == slow_key]
+    assert slow_statuses[0] == 503  # its connection died mid-handler
+    # Until its lease ran out, the unreleased key answered 409 with Retry-After, never 500.
+    for answer in in_flight:
+        assert answer.body["code"] == "idempotency_key_in_use"
+        assert 1 <= int(answer.headers["Retry-After"]) <= lease
+    # Every operation completed exactly once, and no record is left in flight.
+    done = {key for _, key, answer in answers if answer.status == 201}
+    assert done == set(keys)
+    assert Payment.objects.filter(reference__in=keys).count() == len(keys)
+    assert IdempotencyRecord.objects.filter(state="processing").count() == 0
+    first_success = min(
+        at for at, _, answer in answers if at > restored_at and answer.status == 201
+    )
+    slow_done = max(at for at, key, answer in answers if key == slow_key)
+    assert first_success - restored_at < 2, "requests did not recover with the database"
+    assert slow_done - cut_at < lease + 2.5
+    print(
+        f"\noutage {restored_at - cut_at:.1f} s: {len(answers)} requests, {len(keys)} operations, "
+        f"{len(unavailable)} x 503, {len(in_flight)} x 409, 0 x 500; each operation committed "
+        f"once; first success {first_success - restored_at:.2f} s after recovery; the key cut "
+        f"mid-handler executed {slow_done - restored_at:.2f} s after recovery (lease {lease} s)"
+    )
+
+
+def test_statement_timeout_in_the_handler_stores_nothing_and_releases_the_key(server):
+    app = server(workers=1)
+    key, reference = str(uuid.uuid4()), f"statement-{uuid.uuid4().hex[:8]}"
+    answer = app.post(key, {"reference": reference, "amount": 1, "outcome": "statement_timeout"})
+    assert answer.status == 500
+    assert b"Traceback" not in answer.raw
+    assert Payment.objects.filter(reference=reference).count() == 0
+    assert not IdempotencyRecord.objects.filter(key=key).exists()
+
+    answer = app.post(key, {"reference": reference, "amount": 1})
+    assert answer.status == 201
+    assert Payment.objects.filter(reference=reference).count() == 1
+
+
+def test_lock_timeout_in_the_handler_stores_nothing_and_releases_the_key(server):
+    app = server(workers=1)
+    held = Payment.objects.create(reference=f"held-{uuid.uuid4().hex[:8]}", amount=1)
+    key, reference = str(uuid.uuid4()), f"lock-{uuid.uuid4().hex[:8]}"
+    body = {
+        "reference": reference,
+        "amount": 1,
+        "outcome": "lock_timeout",
+        "locked": held.reference,
+    }
+    with transaction.atomic():
+        Payment.objects.select_for_update().get(pk=held.pk)
+        answer = app.post(key, body)
+    assert answer.status == 500
+    assert b"Traceback" not in answer.raw
+    assert Payment.objects.filter(reference=reference).count() == 0
+    assert not IdempotencyRecord.objects.filter(key=key).exists()
+
+    answer = app.post(key, body)  # the lock is free now: the same request runs once
+    assert answer.status == 201
+    assert Payment.objects.filter(reference=reference).count() == 1
+    assert app.post(key, body).headers["Idempotent-Replayed"] == "true"

@@ -48,30 +48,6 @@ def test_replay_does_not_call_the_handler_and_counts_the_replay(post):
     assert record.last_replayed_at is not None
 
 
-def test_set_cookie_is_never_stored_nor_replayed(post):
-    first = post("/payments/", BODY, "k1")
-    assert "handler-cookie" in first.cookies
-    retry = post("/payments/", BODY, "k1")
-    assert "handler-cookie" not in retry.cookies
-    stored_names = {name.lower() for name, _ in IdempotencyRecord.objects.get().response_headers}
-    assert "set-cookie" not in stored_names
-
-
-def test_request_headers_and_body_are_never_stored(post, user):
-    post(
-        "/payments/",
-        {"reference": "secret-card-4242", "amount": 1},
-        "k1",
-        HTTP_AUTHORIZATION="Basic YWxpY2U6cHc=",
-        HTTP_COOKIE="sessionid=abc",
-    )
-    record = IdempotencyRecord.objects.get()
-    stored = json.dumps(record.response_headers) + record.fingerprint + record.path
-    assert "YWxpY2U6cHc" not in stored
-    assert "sessionid" not in stored
-    assert "secret-card-4242" not in record.fingerprint
-
-
 def test_same_key_with_different_body_returns_422(post):
     post("/payments/", BODY, "k1")
     response = post("/payments/", {**BODY, "amount": 999}, "k1")
@@ -343,36 +319,6 @@ def test_custom_fingerprint_function(post, idempotency):
     post("/payments/", BODY, "k1")
     retry = post("/payments/", {**BODY, "amount": 1}, "k1")
     assert retry.headers["Idempotent-Replayed"] == "true"
-
-
-def test_authentication_runs_before_any_lookup(post, user):
-    from rest_framework.test import APIClient
-
-    alice = APIClient()
-    alice.force_authenticate(user)
-    post("/authenticated/", BODY, "k1", via=alice)
-    anonymous = post("/authenticated/", BODY, "k1")
-    assert anonymous.status_code == 401
-    assert "Idempotent-Replayed" not in anonymous.headers
-    assert IdempotencyRecord.objects.count() == 1
-
-
-def test_denied_request_never_touches_the_store(post, django_assert_num_queries):
-    with django_assert_num_queries(0):
-        response = post("/authenticated/", BODY, "k1")
-    assert response.status_code == 401
-    assert not IdempotencyRecord.objects.exists()
-
-
-def test_throttled_request_never_touches_the_store(post, settings):
-    from django.core.cache import cache
-
-    cache.clear()
-    assert post("/throttled/", BODY, "k1").status_code == 201
-    throttled = post("/throttled/", BODY, "k1")
-    assert throttled.status_code == 429
-    assert IdempotencyRecord.objects.get().replay_count == 0
-    cache.clear()
 
 
 def test_user_never_gets_422_caused_by_another_users_key(post, user, other_user):
