@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-sqlite test-postgres test-mariadb lint typecheck docs tox clean bench bench-cleanup
+.PHONY: demo test reliability test-sqlite test-postgres test-mariadb lint typecheck docs tox clean bench bench-cleanup
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 	$(BIN)/python tests/run_server_databases.py
+
+## reliability: the fault, load, security and hostile-input tests alone, on SQLite, then on
+## PostgreSQL and MariaDB (gunicorn against the real databases).
+reliability: $(STAMP)
+	$(BIN)/python -m pytest -q -m reliability
+	$(BIN)/python tests/run_server_databases.py -m reliability
 
 test-sqlite: $(STAMP)
 	TEST_DATABASE=sqlite $(BIN)/python -m pytest -q

@@ -1,6 +1,7 @@
 """Run the suite on PostgreSQL and MariaDB, each when it answers on its port.
 
 ``REQUIRE_SERVER_DATABASES=1`` (set by CI) turns an unreachable server into a failure.
+Arguments are passed on to pytest (``-m reliability`` runs that set alone).
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ def main() -> int:
             continue
         print(f"== test suite on {name} ({host}:{port})", flush=True)
         env = {**os.environ, "TEST_DATABASE": name}
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q"], env=env, check=False)
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", *sys.argv[1:]], env=env, check=False
+        )
         failed = failed or result.returncode != 0
     return 1 if failed else 0
 
