@@ -30,6 +30,7 @@ from benchmarks.peers.servers import Server, rows_per_marker, start, stop  # noq
 
 VARIANTS = [
     "bare",
+    "atomic",  # reference: the bare handler inside transaction.atomic(), no idempotency
     "idempotency_django",
     "django_idempotency_key",
     "djangorestframework_idempotency_key",
@@ -233,7 +234,10 @@ def main() -> int:
         f"`{COMMAND}` (`benchmarks/compare.py`), {ROUNDS} alternating rounds. Ratios are to "
         "the bare endpoint measured in the same round (median over rounds); the replay ratio "
         "is a replay's latency over a bare first request's. Query counts come from the "
-        "server (a middleware outside every idempotency layer).\n\n"
+        "server (a middleware outside every idempotency layer). `atomic` is no package: the "
+        "bare handler inside `transaction.atomic()`, the floor for any layer that commits the "
+        "handler's writes and the stored response in one transaction (it has no idempotency, "
+        "so its duplicates are expected).\n\n"
         f"{table}\n\n![Latency ratios](img/peers-latency.png)\n\nMachine: {machine}\n"
     )
     return 0

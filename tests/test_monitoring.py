@@ -163,7 +163,7 @@ def test_replay_counter_is_written_after_the_response_is_sent():
 
 @pytest.mark.requires_server_db
 @pytest.mark.django_db(transaction=True)
-def test_counters_leave_the_connections_commit_mode_alone(post):
+def test_claims_and_counters_leave_the_connections_commit_mode_alone(post):
     from django.db import connection
 
     post("/payments/", BODY, "mode")

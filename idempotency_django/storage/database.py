@@ -71,6 +71,16 @@ def _column(name: str) -> str:
     return field.column
 
 
+def _prepared(values: dict[str, Any], connection: Any) -> list[Any]:
+    """Field values as query parameters for ``connection`` (JSON, bytes, datetimes)."""
+    prepared = []
+    for name, value in values.items():
+        field = IdempotencyRecord._meta.get_field(name)
+        assert isinstance(field, models.Field)
+        prepared.append(field.get_db_prep_save(value, connection))
+    return prepared
+
+
 def _lookup_sql(connection: Any) -> str:
     """SELECT one record by (scope, key), quoted for ``connection``'s backend."""
     quote = connection.ops.quote_name
@@ -274,30 +284,81 @@ class DatabaseStorage(BaseStorage):
             raced = True
         return Claim(Outcome.IN_FLIGHT, retry_after=lease)
 
+    def _new_record(
+        self, identity: RequestIdentity, *, now: datetime, lease: timedelta, ttl: timedelta | None
+    ) -> dict[str, Any]:
+        """Field values of a freshly claimed record, with a new lease token."""
+        return {
+            "scope": identity.scope,
+            "key": identity.key,
+            "fingerprint": identity.fingerprint,
+            "method": identity.method,
+            "path": identity.path,
+            "state": State.PROCESSING,
+            "lease_owner": _new_token(),
+            "lease_expires_at": now + lease,
+            "response_headers": [],
+            "created_at": now,
+            "expires_at": _expiry(now, ttl),
+            "replay_count": 0,
+            "conflict_count": 0,
+            "mismatch_count": 0,
+        }
+
     def _insert(
         self, identity: RequestIdentity, *, now: datetime, lease: timedelta, ttl: timedelta | None
     ) -> Claim | None:
-        token = _new_token()
+        if self._asynchronous_claim():
+            return self._insert_asynchronously(identity, now=now, lease=lease, ttl=ttl)
+        values = self._new_record(identity, now=now, lease=lease, ttl=ttl)
         try:
             # Inside an outer transaction the insert needs its own savepoint so that losing
             # the race leaves the outer transaction usable; in autocommit mode it commits
             # at once, which is what makes the claim visible to concurrent retries.
             with self._statement_savepoint():
-                record = self._records().create(
-                    scope=identity.scope,
-                    key=identity.key,
-                    fingerprint=identity.fingerprint,
-                    method=identity.method,
-                    path=identity.path,
-                    state=State.PROCESSING,
-                    lease_owner=token,
-                    lease_expires_at=now + lease,
-                    created_at=now,
-                    expires_at=_expiry(now, ttl),
-                )
+                record = self._records().create(**values)
         except IntegrityError:
             return None
-        return Claim(Outcome.CLAIMED, record_id=record.pk, token=token)
+        return Claim(Outcome.CLAIMED, record_id=record.pk, token=values["lease_owner"])
+
+    def _asynchronous_claim(self) -> bool:
+        """Whether a claim can commit asynchronously: PostgreSQL in autocommit mode (not
+        inside ATOMIC_REQUESTS or another transaction)."""
+        connection = connections[self.alias]
+        return (
+            connection.vendor == "postgresql"
+            and connection.get_autocommit()
+            and not connection.in_atomic_block
+        )
+
+    def _insert_asynchronously(
+        self, identity: RequestIdentity, *, now: datetime, lease: timedelta, ttl: timedelta | None
+    ) -> Claim | None:
+        """PostgreSQL: claim the key with one ``INSERT ... ON CONFLICT DO NOTHING`` that
+        commits asynchronously (``synchronous_commit`` off for its own transaction only).
+
+        That is safe: the handler's transaction, which completes the record, commits
+        synchronously after it, and the write-ahead log is flushed in order, so no completed
+        record can survive a crash without its claim. A claim lost in a crash before that
+        is a key nobody executed, and the retry executes it. Returns ``None`` when another
+        request holds the key (lost race)."""
+        connection = connections[self.alias]
+        quote = connection.ops.quote_name
+        values = self._new_record(identity, now=now, lease=lease, ttl=ttl)
+        params = _prepared(values, connection)
+        sql = (
+            f"INSERT INTO {quote(IdempotencyRecord._meta.db_table)} "
+            f"({', '.join(quote(_column(name)) for name in values)}) "
+            f"VALUES ({', '.join(['%s'] * len(params))}) "
+            f"ON CONFLICT ({quote(_column('scope'))}, {quote(_column('key'))}) DO NOTHING "
+            f"RETURNING {quote(_column('id'))}, set_config('synchronous_commit', 'off', true)"
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+        if row is None:
+            return None
+        return Claim(Outcome.CLAIMED, record_id=int(row[0]), token=values["lease_owner"])
 
     def _swap(
         self,
@@ -406,21 +467,31 @@ class DatabaseStorage(BaseStorage):
     # -- complete / release ---------------------------------------------------------------
 
     def complete(self, claim: Claim, response: StoredResponse, *, ttl: timedelta | None) -> bool:
+        """Store the response, if this request still owns the key: one conditional
+        ``UPDATE`` inside the handler's transaction (hand-written, as it is on every first
+        request's path)."""
         now = timezone.now()
-        matched: int = (
-            self._records()
-            .filter(pk=claim.record_id, lease_owner=claim.token, state=State.PROCESSING)
-            .update(
-                state=State.COMPLETED,
-                lease_expires_at=None,
-                response_status=response.status,
-                response_headers=[list(pair) for pair in response.headers],
-                response_body=response.body,
-                completed_at=now,
-                expires_at=_expiry(now, ttl),
-            )
+        connection = connections[self.alias]
+        quote = connection.ops.quote_name
+        changes = {
+            "state": State.COMPLETED,
+            "lease_expires_at": None,
+            "response_status": response.status,
+            "response_headers": [list(pair) for pair in response.headers],
+            "response_body": response.body,
+            "completed_at": now,
+            "expires_at": _expiry(now, ttl),
+        }
+        sql = (
+            f"UPDATE {quote(IdempotencyRecord._meta.db_table)} SET "
+            + ", ".join(f"{quote(_column(name))} = %s" for name in changes)
+            + f" WHERE {quote(_column('id'))} = %s AND {quote(_column('lease_owner'))} = %s"
+            f" AND {quote(_column('state'))} = %s"
         )
-        return bool(matched == 1)
+        params = [*_prepared(changes, connection), claim.record_id, claim.token, State.PROCESSING]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return bool(cursor.rowcount == 1)
 
     def release(self, claim: Claim) -> bool:
         try:
