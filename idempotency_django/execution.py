@@ -30,7 +30,6 @@ from idempotency_django.storage import (
     StoredResponse,
     get_storage,
 )
-from idempotency_django.storage.database import is_connection_lost
 
 logger = logging.getLogger("idempotency_django")
 
@@ -144,10 +143,10 @@ def run(request: Any, call: Callable[[], HttpResponseBase], options: Options) ->
     try:
         claim = _claim(storage, identity, ttl, options.resolved_conflict())
     except DatabaseError as error:
-        if not is_connection_lost(error, storage.alias):
+        if not storage.is_unavailable(error):
             raise
         logger.exception("idempotency key %r: the database is unavailable", identity.key)
-        return http.unavailable().response()
+        return _unavailable(storage)
     context = {
         "sender": IdempotencyRecord,
         "request": request,
@@ -247,6 +246,9 @@ def _execute(
     context: dict[str, Any],
 ) -> HttpResponseBase:
     alias = storage.alias
+    # Django drops a connection whose rollback failed, and reconnects as the outermost
+    # atomic block ends: a different connection afterwards means the old one was lost.
+    opened = connections[alias].connection
     try:
         with transaction.atomic(using=alias):
             response = _rendered(call())
@@ -272,10 +274,12 @@ def _execute(
         response, stored = http.capture(deferred.response)
         try:
             _check_size(stored)
+            if not storage.complete(claim, stored, ttl=ttl):
+                return _lost_response()
         except http.ResponseTooLarge as error:
             return _too_large(storage, claim, error, context)
-        if not storage.complete(claim, stored, ttl=ttl):
-            return _lost_response()
+        except BaseException as error:
+            return _failed(storage, claim, error, context, opened)
     except http.ResponseTooLarge as error:
         return _too_large(storage, claim, error, context)
     except _Discard as discarded:
@@ -285,24 +289,45 @@ def _execute(
     except _LeaseLost:
         return _lost_response()
     except BaseException as error:
-        if isinstance(error, DatabaseError) and is_connection_lost(error, alias):
-            # The connection failed (killed, server gone): the transaction rolled back, so
-            # nothing committed. Release the key (on a new connection if need be) and say so.
-            logger.error(
-                "idempotency key %(key)r in scope %(scope)r: the database connection was "
-                "lost mid-request",
-                context,
-                exc_info=True,
-            )
-            _release(storage, claim, context, None, "a lost database connection")
-            return http.unavailable().response()
-        # Any other error (including a statement or lock timeout on a healthy connection):
-        # the handler's writes rolled back, the key is released, and the error propagates
-        # to the application's own error handling.
-        _release(storage, claim, context, None, "an error")
-        raise
+        return _failed(storage, claim, error, context, opened)
     signals.executed.send(**context, status=response.status_code)
     return response
+
+
+def _failed(
+    storage: BaseStorage,
+    claim: Claim,
+    error: BaseException,
+    context: dict[str, Any],
+    opened: Any,
+) -> HttpResponseBase:
+    """After the handler or the completion failed (its transaction rolled back): release the
+    key, then answer 503 if the database connection was lost, or re-raise. ``opened`` is the
+    driver connection in use when the transaction began."""
+    replaced = (
+        isinstance(error, DatabaseError) and connections[storage.alias].connection is not opened
+    )
+    if replaced or storage.is_unavailable(error):
+        logger.error(
+            "idempotency key %(key)r in scope %(scope)r: the database connection was lost "
+            "mid-request",
+            context,
+            exc_info=error,
+        )
+        _release(storage, claim, context, None, "a lost database connection")
+        return _unavailable(storage)
+    # Any other error (including a statement or lock timeout on a healthy connection): the
+    # key is released and the error propagates to the application's own error handling.
+    _release(storage, claim, context, None, "an error")
+    raise error
+
+
+def _unavailable(storage: BaseStorage) -> HttpResponseBase:
+    """503: the database was unavailable. Inside an outer transaction (ATOMIC_REQUESTS) it
+    is marked for rollback, so Django does not try to commit it on the lost connection."""
+    if connections[storage.alias].in_atomic_block:
+        transaction.set_rollback(True, using=storage.alias)
+    return http.unavailable().response()
 
 
 def _release(

@@ -80,8 +80,9 @@ def _delete_range_postgresql(model: Any, alias: str, now: datetime, low: int, hi
     ``set_config(..., true)``: it lasts for that statement's own transaction only, so no
     session state is left behind (safe behind PgBouncer's transaction pooling). If it meets
     a row an in-flight request holds, the range is redone selecting ``FOR UPDATE SKIP
-    LOCKED``, leaving that row for a later run. Inside a caller's transaction only the
-    ``SKIP LOCKED`` form is used, so the caller's own ``lock_timeout`` is never changed.
+    LOCKED``, leaving that row for a later run. Inside a caller's transaction (an atomic
+    block, or ``AUTOCOMMIT = False``) only the ``SKIP LOCKED`` form is used, so the caller's
+    own ``lock_timeout`` is never changed.
     Cleanup never waits on live traffic for longer than ``CLEANUP_LOCK_TIMEOUT``.
 
     Each batch commits synchronously on purpose: with ``synchronous_commit = off`` its WAL
@@ -94,7 +95,7 @@ def _delete_range_postgresql(model: Any, alias: str, now: datetime, low: int, hi
     where = f"{pk} >= %s AND {pk} < %s AND expires_at <= %s"
     params: list[Any] = [low, high, now]
     with connection.cursor() as cursor:
-        if not connection.in_atomic_block:
+        if connection.get_autocommit() and not connection.in_atomic_block:
             try:
                 # Autocommit: the statement is its own transaction, one round trip.
                 cursor.execute(

@@ -240,3 +240,30 @@ def test_lock_timeout_while_waiting_inside_atomic_requests_is_answered_409():
     assert retry.status == 409
     assert retry.code == "idempotency_key_in_use"
     assert Payment.objects.count() == 1
+
+
+@server_db
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("atomic_requests")
+def test_statement_timeout_while_waiting_inside_atomic_requests_is_answered_409():
+    from django.db.backends.signals import connection_created
+
+    def short_statement_timeout(sender, connection, **kwargs):
+        with connection.cursor() as cursor:
+            if connection.vendor == "postgresql":
+                cursor.execute("SET statement_timeout = '300ms'")
+            else:
+                cursor.execute("SET SESSION max_statement_time = 0.3")
+
+    connection_created.connect(short_statement_timeout)
+    try:
+        slow = {**BODY, "sleep": 1.5}
+        original, retry = race(
+            [("/payments/", slow, "timeout-1"), ("/payments/", slow, "timeout-1")], stagger=0.3
+        )
+    finally:
+        connection_created.disconnect(short_statement_timeout)
+    assert original.status == 201
+    assert retry.status == 409
+    assert retry.code == "idempotency_key_in_use"
+    assert Payment.objects.count() == 1

@@ -109,12 +109,15 @@ def test_counters_never_land_on_a_later_lifetime_of_the_same_row():
     assert replay.outcome is Outcome.REPLAY
     # The record expires and the row is reused for a new request before the replay's
     # counter is written (it is written after the response has been sent).
-    IdempotencyRecord.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
+    IdempotencyRecord.objects.update(
+        expires_at=timezone.now() - timedelta(seconds=1), conflict_count=3, mismatch_count=2
+    )
     fresh = storage.claim(identity(fingerprint="other"), lease=LEASE, ttl=TTL)
     assert fresh.outcome is Outcome.CLAIMED
     assert fresh.record_id == replay.record_id
     storage.note_answer(replay)
-    assert IdempotencyRecord.objects.get().replay_count == 0
+    reused = IdempotencyRecord.objects.get()
+    assert (reused.replay_count, reused.conflict_count, reused.mismatch_count) == (0, 0, 0)
     storage.complete(fresh, RESPONSE, ttl=TTL)
     second = storage.claim(identity(fingerprint="other"), lease=LEASE, ttl=TTL)
     storage.note_answer(second)

@@ -78,6 +78,13 @@ class BaseStorage:
         """Count a replay, a 409 or a 422 answered for ``claim``'s record (monitoring only).
         Called after the response has been sent, never inside the request's transaction."""
 
+    def is_unavailable(self, error: BaseException) -> bool:
+        """Whether ``error`` means the storage could not be reached (answered 503), rather
+        than an error of the application's own (propagated)."""
+        from idempotency_django.storage.errors import is_connection_lost
+
+        return is_connection_lost(error, self.alias)
+
     def lookup(self, scope: str, key: str) -> StoredResponse | None:
         """The stored, unexpired response for (scope, key), if any. Writes nothing."""
         raise NotImplementedError

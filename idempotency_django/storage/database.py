@@ -25,16 +25,7 @@ from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import (
-    DatabaseError,
-    IntegrityError,
-    InterfaceError,
-    OperationalError,
-    connections,
-    models,
-    router,
-    transaction,
-)
+from django.db import DatabaseError, IntegrityError, connections, models, router, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -46,6 +37,7 @@ from idempotency_django.storage.base import (
     RequestIdentity,
     StoredResponse,
 )
+from idempotency_django.storage.errors import is_lock_conflict, is_statement_timeout
 
 State = IdempotencyRecord.State
 
@@ -71,14 +63,17 @@ def _column(name: str) -> str:
     return field.column
 
 
-def _prepared(values: dict[str, Any], connection: Any) -> list[Any]:
-    """Field values as query parameters for ``connection`` (JSON, bytes, datetimes)."""
-    prepared = []
+def _prepared(values: dict[str, Any], connection: Any) -> tuple[list[str], list[Any]]:
+    """Placeholders and parameters for ``values`` on ``connection``, as the ORM builds them
+    (JSON, bytes with MySQL's ``_binary`` marker, datetimes)."""
+    placeholders, params = [], []
     for name, value in values.items():
         field = IdempotencyRecord._meta.get_field(name)
         assert isinstance(field, models.Field)
-        prepared.append(field.get_db_prep_save(value, connection))
-    return prepared
+        get_placeholder = getattr(field, "get_placeholder", None)
+        placeholders.append(get_placeholder(value, None, connection) if get_placeholder else "%s")
+        params.append(field.get_db_prep_save(value, connection))
+    return placeholders, params
 
 
 def _lookup_sql(connection: Any) -> str:
@@ -88,53 +83,6 @@ def _lookup_sql(connection: Any) -> str:
         f"SELECT * FROM {quote(IdempotencyRecord._meta.db_table)} "
         f"WHERE {quote(_column('scope'))} = %s AND {quote(_column('key'))} = %s"
     )
-
-
-# Errors that mean "another transaction holds the lock", by driver error code:
-# PostgreSQL SQLSTATEs deadlock_detected, lock_not_available, serialization_failure;
-# MySQL/MariaDB ER_LOCK_WAIT_TIMEOUT and ER_LOCK_DEADLOCK.
-_LOCK_SQLSTATES = frozenset({"40P01", "55P03", "40001"})
-_LOCK_MYSQL_CODES = frozenset({1205, 1213})
-
-
-def is_lock_conflict(error: DatabaseError) -> bool:
-    """Whether ``error`` reports a lock wait that timed out or a deadlock."""
-    cause = error.__cause__ or error
-    if getattr(cause, "sqlstate", None) in _LOCK_SQLSTATES:
-        return True
-    args = getattr(cause, "args", ())
-    if args and args[0] in _LOCK_MYSQL_CODES:
-        return True
-    # SQLite: another connection holds the database lock past the busy timeout.
-    return "database is locked" in str(cause)
-
-
-# Errors that mean "the connection is gone" rather than "this statement failed": PostgreSQL's
-# connection_exception class (08xxx) and admin_shutdown, crash_shutdown, cannot_connect_now;
-# MySQL/MariaDB client errors for a server that went away or a connection lost or killed.
-_CONNECTION_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
-_CONNECTION_MYSQL_CODES = frozenset({1927, 2002, 2003, 2006, 2013, 2055, 4031})
-
-
-def is_connection_lost(error: BaseException, alias: str) -> bool:
-    """Whether ``error`` means the database connection on ``alias`` was lost or could not be
-    opened (server down, backend killed), as opposed to a statement that failed on a healthy
-    connection (a missing table, a timeout, a bad value)."""
-    if isinstance(error, InterfaceError):
-        return True
-    if not isinstance(error, OperationalError):
-        return False
-    cause = error.__cause__ or error
-    sqlstate = getattr(cause, "sqlstate", None) or ""
-    if sqlstate.startswith("08") or sqlstate in _CONNECTION_SQLSTATES:
-        return True
-    args = getattr(cause, "args", ())
-    if args and args[0] in _CONNECTION_MYSQL_CODES:
-        return True
-    raw = connections[alias].connection
-    # Never opened (connecting failed), dropped by Django after a failed rollback, or marked
-    # closed or broken by the driver (psycopg).
-    return raw is None or bool(getattr(raw, "closed", False)) or bool(getattr(raw, "broken", False))
 
 
 def _new_token() -> str:
@@ -205,12 +153,13 @@ class DatabaseStorage(BaseStorage):
         try:
             return self._claim(identity, lease=lease, ttl=ttl)
         except DatabaseError as error:
-            if not is_lock_conflict(error):
+            if not (is_lock_conflict(error) or is_statement_timeout(error)):
                 raise
-            # The race was lost to a lock timeout or a deadlock (possible when requests wait
-            # on each other inside ATOMIC_REQUESTS transactions): that is a key in use, not a
-            # server error. The database may have aborted the outer transaction, so it is
-            # marked for rollback; this request wrote nothing worth keeping.
+            # The race was lost to a lock or statement timeout or a deadlock (possible when
+            # requests wait on each other's unique-index entry inside ATOMIC_REQUESTS
+            # transactions): that is a key in use, not a server error. The database may have
+            # aborted the outer transaction, so it is marked for rollback; this request wrote
+            # nothing worth keeping.
             if self._in_transaction():
                 transaction.set_rollback(True, using=self.alias)
             return Claim(Outcome.IN_FLIGHT, retry_after=timedelta(seconds=1))
@@ -308,8 +257,8 @@ class DatabaseStorage(BaseStorage):
     def _insert(
         self, identity: RequestIdentity, *, now: datetime, lease: timedelta, ttl: timedelta | None
     ) -> Claim | None:
-        if self._asynchronous_claim():
-            return self._insert_asynchronously(identity, now=now, lease=lease, ttl=ttl)
+        if self._claim_by_upsert():
+            return self._insert_on_conflict(identity, now=now, lease=lease, ttl=ttl)
         values = self._new_record(identity, now=now, lease=lease, ttl=ttl)
         try:
             # Inside an outer transaction the insert needs its own savepoint so that losing
@@ -321,9 +270,9 @@ class DatabaseStorage(BaseStorage):
             return None
         return Claim(Outcome.CLAIMED, record_id=record.pk, token=values["lease_owner"])
 
-    def _asynchronous_claim(self) -> bool:
-        """Whether a claim can commit asynchronously: PostgreSQL in autocommit mode (not
-        inside ATOMIC_REQUESTS or another transaction)."""
+    def _claim_by_upsert(self) -> bool:
+        """Whether a claim can be one ``INSERT ... ON CONFLICT DO NOTHING``: PostgreSQL in
+        autocommit mode (not inside ATOMIC_REQUESTS or another transaction)."""
         connection = connections[self.alias]
         return (
             connection.vendor == "postgresql"
@@ -331,27 +280,22 @@ class DatabaseStorage(BaseStorage):
             and not connection.in_atomic_block
         )
 
-    def _insert_asynchronously(
+    def _insert_on_conflict(
         self, identity: RequestIdentity, *, now: datetime, lease: timedelta, ttl: timedelta | None
     ) -> Claim | None:
-        """PostgreSQL: claim the key with one ``INSERT ... ON CONFLICT DO NOTHING`` that
-        commits asynchronously (``synchronous_commit`` off for its own transaction only).
-
-        That is safe: the handler's transaction, which completes the record, commits
-        synchronously after it, and the write-ahead log is flushed in order, so no completed
-        record can survive a crash without its claim. A claim lost in a crash before that
-        is a key nobody executed, and the retry executes it. Returns ``None`` when another
-        request holds the key (lost race)."""
+        """PostgreSQL: claim the key with one ``INSERT ... ON CONFLICT DO NOTHING``, which
+        commits by itself (under the connection's own ``synchronous_commit``). A lost race
+        returns no row instead of raising an ``IntegrityError``; then ``None``."""
         connection = connections[self.alias]
         quote = connection.ops.quote_name
         values = self._new_record(identity, now=now, lease=lease, ttl=ttl)
-        params = _prepared(values, connection)
+        placeholders, params = _prepared(values, connection)
         sql = (
             f"INSERT INTO {quote(IdempotencyRecord._meta.db_table)} "
             f"({', '.join(quote(_column(name)) for name in values)}) "
-            f"VALUES ({', '.join(['%s'] * len(params))}) "
+            f"VALUES ({', '.join(placeholders)}) "
             f"ON CONFLICT ({quote(_column('scope'))}, {quote(_column('key'))}) DO NOTHING "
-            f"RETURNING {quote(_column('id'))}, set_config('synchronous_commit', 'off', true)"
+            f"RETURNING {quote(_column('id'))}"
         )
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
@@ -391,6 +335,8 @@ class DatabaseStorage(BaseStorage):
                 expires_at=_expiry(now, ttl),
                 replay_count=0,
                 last_replayed_at=None,
+                conflict_count=0,
+                mismatch_count=0,
             )
         matched = (
             self._records()
@@ -482,13 +428,17 @@ class DatabaseStorage(BaseStorage):
             "completed_at": now,
             "expires_at": _expiry(now, ttl),
         }
+        placeholders, params = _prepared(changes, connection)
         sql = (
             f"UPDATE {quote(IdempotencyRecord._meta.db_table)} SET "
-            + ", ".join(f"{quote(_column(name))} = %s" for name in changes)
+            + ", ".join(
+                f"{quote(_column(name))} = {placeholder}"
+                for name, placeholder in zip(changes, placeholders, strict=True)
+            )
             + f" WHERE {quote(_column('id'))} = %s AND {quote(_column('lease_owner'))} = %s"
             f" AND {quote(_column('state'))} = %s"
         )
-        params = [*_prepared(changes, connection), claim.record_id, claim.token, State.PROCESSING]
+        params += [claim.record_id, claim.token, State.PROCESSING]
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
             return bool(cursor.rowcount == 1)

@@ -20,6 +20,7 @@ urlpatterns = [
     path("required/", views.RequiredKeyView.as_view()),
     path("authenticated/", views.AuthenticatedView.as_view()),
     path("throttled/", views.ThrottledView.as_view()),
+    path("lost-connection/", views.LostConnectionView.as_view()),
     path("wait/", views.WaitView.as_view()),
     path("forever/", views.ForeverView.as_view()),
     path("function/", views.function_payment),

@@ -13,7 +13,7 @@ import json
 import time
 from typing import Any
 
-from django.db import IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from rest_framework import generics, serializers, status, viewsets
 from rest_framework.decorators import action, api_view
@@ -159,6 +159,37 @@ class AuthenticatedView(IdempotentMixin, APIView):
     def post(self, request: Request) -> Response:
         code, body = _act(request.data, request.user)
         return Response(body, status=code)
+
+
+def lose_own_connection() -> None:
+    """End this process's own database session from inside it, as a server restart or a
+    network cut would: the next statement on the connection fails."""
+    with contextlib.suppress(DatabaseError), connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        elif connection.vendor == "mysql":
+            cursor.execute("KILL CONNECTION CONNECTION_ID()")
+
+
+class LosesConnectionBeforeLookup(BasePermission):
+    def has_permission(self, request: Any, view: Any) -> bool:
+        lose_own_connection()
+        return True
+
+
+class LostConnectionView(IdempotentMixin, APIView):
+    """Its database session ends after the permission checks, before the key's lookup
+    (``?at=lookup``), or inside the handler before a 4xx answer that DRF rolls back
+    (``?at=rolled-back-4xx``)."""
+
+    def get_permissions(self) -> list[Any]:
+        if self.request.GET.get("at") == "lookup":
+            return [LosesConnectionBeforeLookup()]
+        return []
+
+    def post(self, request: Request) -> Response:
+        lose_own_connection()
+        raise ValidationError({"amount": ["declined"]})
 
 
 class OneRequestThrottle(AnonRateThrottle):
