@@ -19,6 +19,7 @@ How two workers can never both own a key, on every backend:
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 from contextlib import AbstractContextManager, nullcontext
@@ -56,6 +57,7 @@ MAX_CLAIM_ATTEMPTS = 5
 _SHARE_LOCK_SQL = {"mysql": " LOCK IN SHARE MODE", "postgresql": " FOR SHARE"}
 
 
+@functools.cache
 def _column(name: str) -> str:
     field = IdempotencyRecord._meta.get_field(name)
     assert isinstance(field, models.Field)
@@ -63,26 +65,75 @@ def _column(name: str) -> str:
     return field.column
 
 
+@functools.cache
+def _prepared_field(name: str) -> tuple[models.Field[Any, Any], bool]:
+    """The field, and whether its values need the ORM's preparation for the database
+    (datetimes, JSON, bytes); text and numbers are passed as they are."""
+    field = IdempotencyRecord._meta.get_field(name)
+    assert isinstance(field, models.Field)
+    return field, isinstance(field, models.DateTimeField | models.JSONField | models.BinaryField)
+
+
 def _prepared(values: dict[str, Any], connection: Any) -> tuple[list[str], list[Any]]:
     """Placeholders and parameters for ``values`` on ``connection``, as the ORM builds them
     (JSON, bytes with MySQL's ``_binary`` marker, datetimes)."""
     placeholders, params = [], []
     for name, value in values.items():
-        field = IdempotencyRecord._meta.get_field(name)
-        assert isinstance(field, models.Field)
-        get_placeholder = getattr(field, "get_placeholder", None)
-        placeholders.append(get_placeholder(value, None, connection) if get_placeholder else "%s")
-        params.append(field.get_db_prep_save(value, connection))
+        field, needs_preparing = _prepared_field(name)
+        if needs_preparing:
+            get_placeholder = getattr(field, "get_placeholder", None)
+            placeholders.append(
+                get_placeholder(value, None, connection) if get_placeholder else "%s"
+            )
+            params.append(field.get_db_prep_save(value, connection))
+        else:
+            placeholders.append("%s")
+            params.append(value)
     return placeholders, params
 
 
-def _lookup_sql(connection: Any) -> str:
-    """SELECT one record by (scope, key), quoted for ``connection``'s backend."""
-    quote = connection.ops.quote_name
-    return (
-        f"SELECT * FROM {quote(IdempotencyRecord._meta.db_table)} "
-        f"WHERE {quote(_column('scope'))} = %s AND {quote(_column('key'))} = %s"
-    )
+class _RecordReader:
+    """Reads records with hand-written SQL on one connection alias: the lookup runs on every
+    request, and building it with the ORM (``filter().first()`` or ``raw()``) costs more
+    Python than the query's own round trip. Rows are turned into instances with the same
+    converters the ORM applies (JSON, datetimes on MySQL, ...)."""
+
+    def __init__(self, connection: Any) -> None:
+        quote = connection.ops.quote_name
+        table = IdempotencyRecord._meta.db_table
+        self.fields = list(IdempotencyRecord._meta.concrete_fields)
+        self.names = [field.attname for field in self.fields]
+        self.sql = (
+            f"SELECT {', '.join(quote(field.column) for field in self.fields)} "
+            f"FROM {quote(table)} "
+            f"WHERE {quote(_column('scope'))} = %s AND {quote(_column('key'))} = %s"
+        )
+        self.converters = []
+        for field in self.fields:
+            column = field.get_col(table)
+            converters = connection.ops.get_db_converters(column) + field.get_db_converters(
+                connection
+            )
+            self.converters.append((column, converters))
+
+    def record(self, alias: str, connection: Any, row: tuple[Any, ...]) -> IdempotencyRecord:
+        values = []
+        for value, (column, converters) in zip(row, self.converters, strict=True):
+            for convert in converters:
+                value = convert(value, column, connection)
+            values.append(value)
+        return IdempotencyRecord.from_db(alias, self.names, values)
+
+
+_readers: dict[tuple[str, str], _RecordReader] = {}
+
+
+def _reader(alias: str, connection: Any) -> _RecordReader:
+    try:
+        return _readers[alias, connection.vendor]
+    except KeyError:
+        reader = _readers[alias, connection.vendor] = _RecordReader(connection)
+        return reader
 
 
 def _new_token() -> str:
@@ -130,16 +181,13 @@ class DatabaseStorage(BaseStorage):
     def _get(
         self, identity: RequestIdentity, *, share_lock: bool = False
     ) -> IdempotencyRecord | None:
-        # Hand-written SQL through raw(): the lookup is on every request's path, and building
-        # it with the ORM (filter, first) costs more than the query's own round trip.
         connection = connections[self.alias]
+        reader = _reader(self.alias, connection)
         suffix = _SHARE_LOCK_SQL.get(connection.vendor, "") if share_lock else ""
-        rows = list(
-            IdempotencyRecord.objects.raw(
-                _lookup_sql(connection) + suffix, [identity.scope, identity.key]
-            ).using(self.alias)
-        )
-        return rows[0] if rows else None
+        with connection.cursor() as cursor:
+            cursor.execute(reader.sql + suffix, [identity.scope, identity.key])
+            row = cursor.fetchone()
+        return None if row is None else reader.record(self.alias, connection, row)
 
     def lookup(self, scope: str, key: str) -> StoredResponse | None:
         record = self._records().filter(scope=scope, key=key, state=State.COMPLETED).first()
@@ -243,7 +291,7 @@ class DatabaseStorage(BaseStorage):
             "fingerprint": identity.fingerprint,
             "method": identity.method,
             "path": identity.path,
-            "state": State.PROCESSING,
+            "state": State.PROCESSING.value,
             "lease_owner": _new_token(),
             "lease_expires_at": now + lease,
             "response_headers": [],
@@ -317,7 +365,7 @@ class DatabaseStorage(BaseStorage):
     ) -> Claim | None:
         token = _new_token()
         changes: dict[str, Any] = {
-            "state": State.PROCESSING,
+            "state": State.PROCESSING.value,
             "lease_owner": token,
             "lease_expires_at": now + lease,
         }
@@ -420,7 +468,7 @@ class DatabaseStorage(BaseStorage):
         connection = connections[self.alias]
         quote = connection.ops.quote_name
         changes = {
-            "state": State.COMPLETED,
+            "state": State.COMPLETED.value,
             "lease_expires_at": None,
             "response_status": response.status,
             "response_headers": [list(pair) for pair in response.headers],
@@ -438,7 +486,7 @@ class DatabaseStorage(BaseStorage):
             + f" WHERE {quote(_column('id'))} = %s AND {quote(_column('lease_owner'))} = %s"
             f" AND {quote(_column('state'))} = %s"
         )
-        params += [claim.record_id, claim.token, State.PROCESSING]
+        params += [claim.record_id, claim.token, State.PROCESSING.value]
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
             return bool(cursor.rowcount == 1)
