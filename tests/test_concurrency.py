@@ -215,54 +215,39 @@ def test_completion_and_takeover_race_leaves_exactly_one_execution(idempotency):
         assert (record is not None and record.state == "completed") == (committed == 1)
 
 
-@server_db
-@pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("atomic_requests")
-def test_lock_timeout_while_waiting_inside_atomic_requests_is_answered_409():
-    from django.db.backends.signals import connection_created
-
-    def short_lock_timeout(sender, connection, **kwargs):
-        with connection.cursor() as cursor:
-            if connection.vendor == "postgresql":
-                cursor.execute("SET lock_timeout = '300ms'")
-            else:
-                cursor.execute("SET SESSION innodb_lock_wait_timeout = 1")
-
-    connection_created.connect(short_lock_timeout)
-    try:
-        slow = {**BODY, "sleep": 2.5}
-        original, retry = race(
-            [("/payments/", slow, "lock-1"), ("/payments/", slow, "lock-1")], stagger=0.3
-        )
-    finally:
-        connection_created.disconnect(short_lock_timeout)
-    assert original.status == 201
-    assert retry.status == 409
-    assert retry.code == "idempotency_key_in_use"
-    assert Payment.objects.count() == 1
+# Session settings that make a retry waiting on its original's claim give up early.
+SHORT_TIMEOUTS = {
+    "lock": {
+        "postgresql": "SET lock_timeout = '300ms'",
+        "mysql": "SET SESSION innodb_lock_wait_timeout = 1",
+    },
+    "statement": {
+        "postgresql": "SET statement_timeout = '300ms'",
+        "mysql": "SET SESSION max_statement_time = 0.3",
+    },
+}
 
 
 @server_db
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("atomic_requests")
-def test_statement_timeout_while_waiting_inside_atomic_requests_is_answered_409():
+@pytest.mark.parametrize("timeout", sorted(SHORT_TIMEOUTS))
+def test_timeout_while_waiting_inside_atomic_requests_is_answered_409(timeout):
     from django.db.backends.signals import connection_created
 
-    def short_statement_timeout(sender, connection, **kwargs):
+    def short_timeout(sender, connection, **kwargs):
         with connection.cursor() as cursor:
-            if connection.vendor == "postgresql":
-                cursor.execute("SET statement_timeout = '300ms'")
-            else:
-                cursor.execute("SET SESSION max_statement_time = 0.3")
+            cursor.execute(SHORT_TIMEOUTS[timeout][connection.vendor])
 
-    connection_created.connect(short_statement_timeout)
+    connection_created.connect(short_timeout)
     try:
-        slow = {**BODY, "sleep": 1.5}
+        slow = {**BODY, "sleep": 2.5 if timeout == "lock" else 1.5}
         original, retry = race(
-            [("/payments/", slow, "timeout-1"), ("/payments/", slow, "timeout-1")], stagger=0.3
+            [("/payments/", slow, f"{timeout}-1"), ("/payments/", slow, f"{timeout}-1")],
+            stagger=0.3,
         )
     finally:
-        connection_created.disconnect(short_statement_timeout)
+        connection_created.disconnect(short_timeout)
     assert original.status == 201
     assert retry.status == 409
     assert retry.code == "idempotency_key_in_use"
