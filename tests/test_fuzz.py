@@ -82,6 +82,25 @@ def test_many_key_values_in_one_header_are_answered_without_a_server_error(keys)
     )
 
 
+header_names = st.from_regex(r"\AHTTP_[A-Z0-9_]{1,40}\Z").filter(
+    lambda name: name != "HTTP_IDEMPOTENCY_KEY"
+)
+
+
+@FUZZ
+@given(headers=st.dictionaries(header_names, header_values, max_size=200))
+def test_many_other_headers_are_answered_without_a_server_error_and_run_once(headers):
+    client = APIClient()
+    body = b'{"reference": "headers", "amount": 1}'
+    response = _answer(
+        client, body, "application/json", HTTP_IDEMPOTENCY_KEY="fuzz-headers", **headers
+    )
+    # Django itself answers some headers first (an invalid Host is its own 400 page).
+    assert response.status_code < 500, (response.status_code, response.content[:300])
+    assert b"Traceback" not in response.content
+    assert Payment.objects.filter(reference="headers").count() <= 1
+
+
 @pytest.mark.parametrize("size", [256, 10_000, 1_000_000])
 def test_huge_keys_are_invalid_not_a_server_error(size):
     response = APIClient().post(
