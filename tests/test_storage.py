@@ -122,3 +122,24 @@ def test_counters_never_land_on_a_later_lifetime_of_the_same_row():
     second = storage.claim(identity(fingerprint="other"), lease=LEASE, ttl=TTL)
     storage.note_answer(second)
     assert IdempotencyRecord.objects.get().replay_count == 1
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("use_tz", [True, False])
+def test_records_read_back_exactly_with_and_without_time_zones(settings, use_tz):
+    # Autocommit (transaction=True), so PostgreSQL takes its single-statement claim path.
+    settings.USE_TZ = use_tz
+    storage = get_storage()
+    body = bytes(range(256)) + "é ✓".encode()
+    headers = [("Content-Type", "application/octet-stream"), ("X-Note", "é ✓")]
+    claim = storage.claim(identity(), lease=LEASE, ttl=TTL)
+    assert claim.outcome is Outcome.CLAIMED
+    assert storage.complete(claim, StoredResponse(201, headers, body), ttl=TTL)
+    replay = storage.claim(identity(), lease=LEASE, ttl=TTL)
+    assert replay.outcome is Outcome.REPLAY
+    assert replay.response == StoredResponse(201, headers, body)
+    record = IdempotencyRecord.objects.get()
+    assert replay.record_created_at == record.created_at
+    assert timezone.is_aware(record.created_at) is use_tz
+    storage.note_answer(replay)
+    assert IdempotencyRecord.objects.get().replay_count == 1

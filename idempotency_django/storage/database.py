@@ -26,6 +26,7 @@ from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connections, models, router, transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -125,14 +126,16 @@ class _RecordReader:
         return IdempotencyRecord.from_db(alias, self.names, values)
 
 
-_readers: dict[tuple[str, str], _RecordReader] = {}
+_readers: dict[tuple[str, str, bool], _RecordReader] = {}
 
 
 def _reader(alias: str, connection: Any) -> _RecordReader:
+    # Backends choose their converters by USE_TZ (MySQL makes datetimes aware only with it).
+    cache_key = (alias, connection.vendor, bool(settings.USE_TZ))
     try:
-        return _readers[alias, connection.vendor]
+        return _readers[cache_key]
     except KeyError:
-        reader = _readers[alias, connection.vendor] = _RecordReader(connection)
+        reader = _readers[cache_key] = _RecordReader(connection)
         return reader
 
 
