@@ -139,6 +139,20 @@ def _reader(alias: str, connection: Any) -> _RecordReader:
         return reader
 
 
+_statements: dict[tuple[Any, ...], str] = {}
+
+
+def _statement(connection: Any, *shape: Any, build: Any) -> str:
+    """SQL text built once per backend and statement shape (``build(quote)``): the claim,
+    completion and counter statements run on every request."""
+    cache_key = (connection.vendor, *shape)
+    try:
+        return _statements[cache_key]
+    except KeyError:
+        sql = _statements[cache_key] = build(connection.ops.quote_name)
+        return str(sql)
+
+
 def _new_token() -> str:
     return secrets.token_hex(16)
 
@@ -171,6 +185,16 @@ class DatabaseStorage(BaseStorage):
 
     def _in_transaction(self) -> bool:
         return connections[self.alias].in_atomic_block
+
+    def _autocommit_postgresql(self) -> bool:
+        """PostgreSQL in autocommit mode (not inside ATOMIC_REQUESTS or another
+        transaction): each statement is its own transaction."""
+        connection = connections[self.alias]
+        return (
+            connection.vendor == "postgresql"
+            and connection.get_autocommit()
+            and not connection.in_atomic_block
+        )
 
     def _statement_savepoint(self) -> AbstractContextManager[Any]:
         """A savepoint inside an outer transaction, so that a failing statement leaves it
@@ -308,7 +332,8 @@ class DatabaseStorage(BaseStorage):
     def _insert(
         self, identity: RequestIdentity, *, now: datetime, lease: timedelta, ttl: timedelta | None
     ) -> Claim | None:
-        if self._claim_by_upsert():
+        if self._autocommit_postgresql():
+            # One INSERT ... ON CONFLICT DO NOTHING: a lost race returns no row.
             return self._insert_on_conflict(identity, now=now, lease=lease, ttl=ttl)
         values = self._new_record(identity, now=now, lease=lease, ttl=ttl)
         try:
@@ -321,16 +346,6 @@ class DatabaseStorage(BaseStorage):
             return None
         return Claim(Outcome.CLAIMED, record_id=record.pk, token=values["lease_owner"])
 
-    def _claim_by_upsert(self) -> bool:
-        """Whether a claim can be one ``INSERT ... ON CONFLICT DO NOTHING``: PostgreSQL in
-        autocommit mode (not inside ATOMIC_REQUESTS or another transaction)."""
-        connection = connections[self.alias]
-        return (
-            connection.vendor == "postgresql"
-            and connection.get_autocommit()
-            and not connection.in_atomic_block
-        )
-
     def _insert_on_conflict(
         self, identity: RequestIdentity, *, now: datetime, lease: timedelta, ttl: timedelta | None
     ) -> Claim | None:
@@ -338,15 +353,19 @@ class DatabaseStorage(BaseStorage):
         commits by itself (under the connection's own ``synchronous_commit``). A lost race
         returns no row instead of raising an ``IntegrityError``; then ``None``."""
         connection = connections[self.alias]
-        quote = connection.ops.quote_name
         values = self._new_record(identity, now=now, lease=lease, ttl=ttl)
         placeholders, params = _prepared(values, connection)
-        sql = (
-            f"INSERT INTO {quote(IdempotencyRecord._meta.db_table)} "
-            f"({', '.join(quote(_column(name)) for name in values)}) "
-            f"VALUES ({', '.join(placeholders)}) "
-            f"ON CONFLICT ({quote(_column('scope'))}, {quote(_column('key'))}) DO NOTHING "
-            f"RETURNING {quote(_column('id'))}"
+        sql = _statement(
+            connection,
+            "claim",
+            tuple(placeholders),
+            build=lambda quote: (
+                f"INSERT INTO {quote(IdempotencyRecord._meta.db_table)} "
+                f"({', '.join(quote(_column(name)) for name in values)}) "
+                f"VALUES ({', '.join(placeholders)}) "
+                f"ON CONFLICT ({quote(_column('scope'))}, {quote(_column('key'))}) DO NOTHING "
+                f"RETURNING {quote(_column('id'))}"
+            ),
         )
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
@@ -411,26 +430,29 @@ class DatabaseStorage(BaseStorage):
         lose a count. The row must still be in the lifetime the answer came from (same
         ``created_at``): an expired record's row may have been reused since."""
         connection = connections[self.alias]
-        quote = connection.ops.quote_name
-        column = quote(_column(counter))
-        assignments = [f"{column} = {column} + 1"]
         params: list[Any] = []
         if replayed_at is not None:
-            assignments.append(f"{quote(_column('last_replayed_at'))} = %s")
             params.append(connection.ops.adapt_datetimefield_value(replayed_at))
-        asynchronous = (
-            connection.vendor == "postgresql"
-            and connection.get_autocommit()
-            and not self._in_transaction()
-        )
-        source = (
-            " FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit"
-            if asynchronous
-            else ""
-        )
-        sql = (
-            f"UPDATE {quote(IdempotencyRecord._meta.db_table)} SET {', '.join(assignments)}"
-            f"{source} WHERE {quote(_column('id'))} = %s AND {quote(_column('created_at'))} = %s"
+        asynchronous = self._autocommit_postgresql()
+
+        def build(quote: Any) -> str:
+            column = quote(_column(counter))
+            assignments = [f"{column} = {column} + 1"]
+            if replayed_at is not None:
+                assignments.append(f"{quote(_column('last_replayed_at'))} = %s")
+            source = (
+                " FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit"
+                if asynchronous
+                else ""
+            )
+            return (
+                f"UPDATE {quote(IdempotencyRecord._meta.db_table)} SET {', '.join(assignments)}"
+                f"{source} WHERE {quote(_column('id'))} = %s"
+                f" AND {quote(_column('created_at'))} = %s"
+            )
+
+        sql = _statement(
+            connection, "count", counter, replayed_at is not None, asynchronous, build=build
         )
         created_at = connection.ops.adapt_datetimefield_value(claim.record_created_at)
         try:
@@ -469,7 +491,6 @@ class DatabaseStorage(BaseStorage):
         request's path)."""
         now = timezone.now()
         connection = connections[self.alias]
-        quote = connection.ops.quote_name
         changes = {
             "state": State.COMPLETED.value,
             "lease_expires_at": None,
@@ -480,14 +501,19 @@ class DatabaseStorage(BaseStorage):
             "expires_at": _expiry(now, ttl),
         }
         placeholders, params = _prepared(changes, connection)
-        sql = (
-            f"UPDATE {quote(IdempotencyRecord._meta.db_table)} SET "
-            + ", ".join(
-                f"{quote(_column(name))} = {placeholder}"
-                for name, placeholder in zip(changes, placeholders, strict=True)
-            )
-            + f" WHERE {quote(_column('id'))} = %s AND {quote(_column('lease_owner'))} = %s"
-            f" AND {quote(_column('state'))} = %s"
+        sql = _statement(
+            connection,
+            "complete",
+            tuple(placeholders),
+            build=lambda quote: (
+                f"UPDATE {quote(IdempotencyRecord._meta.db_table)} SET "
+                + ", ".join(
+                    f"{quote(_column(name))} = {placeholder}"
+                    for name, placeholder in zip(changes, placeholders, strict=True)
+                )
+                + f" WHERE {quote(_column('id'))} = %s AND {quote(_column('lease_owner'))} = %s"
+                f" AND {quote(_column('state'))} = %s"
+            ),
         )
         params += [claim.record_id, claim.token, State.PROCESSING.value]
         with connection.cursor() as cursor:
