@@ -110,11 +110,11 @@ def fill() -> None:
                 f"""
                 INSERT INTO {table} (scope, key, fingerprint, method, path, state, lease_owner,
                     response_status, response_headers, response_body, created_at, completed_at,
-                    expires_at, replay_count, conflict_count, mismatch_count)
+                    expires_at)
                 SELECT 'bench', md5(random()::text || g::text), repeat('f', 64), 'POST',
                     '/payments/', 'completed', 'bench', 201,
                     '[["Content-Type", "application/json"]]'::jsonb, '{{"id": 1}}'::bytea,
-                    now() - interval '2 hours', now() - interval '2 hours', {expires}, 0, 0, 0
+                    now() - interval '2 hours', now() - interval '2 hours', {expires}
                 FROM generate_series(1, %s) AS g
                 """,
                 [count],

@@ -19,7 +19,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from idempotency_django.models import IdempotencyRecord
+from idempotency_django.models import IdempotencyCounter, IdempotencyRecord
 
 # Below this many rows the changelist counts exactly; above it, on PostgreSQL, an unfiltered
 # changelist uses the planner's estimate instead of a COUNT(*) over the whole table.
@@ -125,6 +125,10 @@ class IdempotencyRecordAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
         return [field.name for field in self.model._meta.fields] + [
+            "replay_count",
+            "last_replayed_at",
+            "conflict_count",
+            "mismatch_count",
             "stored_headers",
             "stored_body",
         ]
@@ -198,5 +202,7 @@ class IdempotencyRecordAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                 (label, by_state.get(value, 0)) for value, label in self.model.State.choices
             ],
             "expired": records.expired(now).count(),
-            "replayed_24h": records.filter(last_replayed_at__gte=now - timedelta(hours=24)).count(),
+            "replayed_24h": IdempotencyCounter.objects.filter(
+                last_replayed_at__gte=now - timedelta(hours=24)
+            ).count(),
         }

@@ -10,6 +10,7 @@ from typing import Any
 from django.db import OperationalError, connections, models, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
+from django.utils.functional import cached_property
 from django.utils.translation import gettext_lazy as _
 
 
@@ -250,15 +251,6 @@ class IdempotencyRecord(models.Model):
         blank=True,
         help_text=_("After this moment the record behaves as absent. Empty: kept forever."),
     )
-    replay_count = models.PositiveIntegerField(_("replay count"), default=0)
-    last_replayed_at = models.DateTimeField(_("last replayed at"), null=True, blank=True)
-    conflict_count = models.PositiveIntegerField(
-        _("conflict count"), default=0, help_text=_("Retries answered 409 while in flight.")
-    )
-    mismatch_count = models.PositiveIntegerField(
-        _("mismatch count"), default=0, help_text=_("Requests answered 422: same key, other body.")
-    )
-
     objects = IdempotencyRecordQuerySet.as_manager()
 
     class Meta:
@@ -280,3 +272,73 @@ class IdempotencyRecord(models.Model):
 
     def is_expired(self, now: Any = None) -> bool:
         return self.expires_at is not None and self.expires_at <= (now or timezone.now())
+
+    # Counters live in IdempotencyCounter, one row per record lifetime (see there why).
+    @cached_property
+    def counters(self) -> IdempotencyCounter:
+        """The answers counted for this record's current lifetime (zeros if none yet)."""
+        found = (
+            IdempotencyCounter.objects.using(self._state.db)
+            .filter(record_id=self.pk, lifetime=self.created_at)
+            .first()
+        )
+        return found or IdempotencyCounter(record_id=self.pk, lifetime=self.created_at)
+
+    @property
+    def replay_count(self) -> int:
+        """Retries answered with the stored response."""
+        return int(self.counters.replays)
+
+    @property
+    def conflict_count(self) -> int:
+        """Requests answered 409 while the key was in flight."""
+        return int(self.counters.conflicts)
+
+    @property
+    def mismatch_count(self) -> int:
+        """Requests answered 422: same key, another request."""
+        return int(self.counters.mismatches)
+
+    @property
+    def last_replayed_at(self) -> datetime | None:
+        return self.counters.last_replayed_at
+
+
+class IdempotencyCounter(models.Model):
+    """How often one record lifetime was answered without executing: replays, 409s, 422s.
+
+    Kept apart from :class:`IdempotencyRecord` on purpose: a 409 is answered while the
+    record's owner is still running, and a counter written to the owner's row would make the
+    owner's completion fail with a serialization error under REPEATABLE READ and
+    SERIALIZABLE (and MariaDB's snapshot isolation), turning a race into a 500. Nothing an
+    in-flight request updates is ever touched by a counter. ``record_id`` and ``lifetime``
+    (the record's ``created_at``) name the lifetime: a record's row is reused once it
+    expired, and counts of the old lifetime must not carry over. Rows whose lifetime is
+    gone are deleted by the cleanup.
+    """
+
+    record_id = models.BigIntegerField(_("record id"))
+    lifetime = models.DateTimeField(
+        _("lifetime"), help_text=_("The record's created_at when these answers were given.")
+    )
+    replays = models.PositiveIntegerField(_("replays"), default=0)
+    conflicts = models.PositiveIntegerField(
+        _("conflicts"), default=0, help_text=_("Requests answered 409 while in flight.")
+    )
+    mismatches = models.PositiveIntegerField(
+        _("mismatches"), default=0, help_text=_("Requests answered 422: same key, other body.")
+    )
+    last_replayed_at = models.DateTimeField(_("last replayed at"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("idempotency counter")
+        verbose_name_plural = _("idempotency counters")
+        ordering = ["-lifetime"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["record_id", "lifetime"], name="idempotency_counter_lifetime_uniq"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"record {self.record_id} ({self.lifetime:%Y-%m-%d %H:%M:%S})"

@@ -6,7 +6,7 @@ import factory
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from idempotency_django.models import IdempotencyRecord
+from idempotency_django.models import IdempotencyCounter, IdempotencyRecord
 
 
 class UserFactory(factory.django.DjangoModelFactory):
@@ -19,8 +19,19 @@ class UserFactory(factory.django.DjangoModelFactory):
     password = factory.django.Password("pw")
 
 
+# Counter keyword arguments a test may give the record factory (stored in IdempotencyCounter).
+COUNTERS = {
+    "replay_count": "replays",
+    "conflict_count": "conflicts",
+    "mismatch_count": "mismatches",
+    "last_replayed_at": "last_replayed_at",
+}
+
+
 class IdempotencyRecordFactory(factory.django.DjangoModelFactory):
-    """A completed record by default; ``processing=True`` gives an in-flight one."""
+    """A completed record by default; ``processing=True`` gives an in-flight one.
+    ``replay_count=``, ``conflict_count=``, ``mismatch_count=`` and ``last_replayed_at=``
+    write the record's counters."""
 
     class Meta:
         model = IdempotencyRecord
@@ -48,3 +59,13 @@ class IdempotencyRecordFactory(factory.django.DjangoModelFactory):
     response_body = b'{"stored": true}'
     completed_at = factory.LazyFunction(timezone.now)
     expires_at = factory.LazyFunction(lambda: timezone.now() + timedelta(hours=24))
+
+    @classmethod
+    def _create(cls, model_class, *args, **kwargs):
+        counts = {COUNTERS[name]: kwargs.pop(name) for name in list(kwargs) if name in COUNTERS}
+        record = super()._create(model_class, *args, **kwargs)
+        if counts:
+            IdempotencyCounter.objects.create(
+                record_id=record.pk, lifetime=record.created_at, **counts
+            )
+        return record

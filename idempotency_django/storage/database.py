@@ -28,10 +28,10 @@ from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connections, models, router, transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
-from idempotency_django.models import IdempotencyRecord
+from idempotency_django.models import IdempotencyCounter, IdempotencyRecord
 from idempotency_django.storage.base import (
     BaseStorage,
     Claim,
@@ -324,9 +324,6 @@ class DatabaseStorage(BaseStorage):
             "response_headers": [],
             "created_at": now,
             "expires_at": _expiry(now, ttl),
-            "replay_count": 0,
-            "conflict_count": 0,
-            "mismatch_count": 0,
         }
 
     def _insert(
@@ -403,10 +400,6 @@ class DatabaseStorage(BaseStorage):
                 created_at=now,
                 completed_at=None,
                 expires_at=_expiry(now, ttl),
-                replay_count=0,
-                last_replayed_at=None,
-                conflict_count=0,
-                mismatch_count=0,
             )
         matched = (
             self._records()
@@ -417,54 +410,31 @@ class DatabaseStorage(BaseStorage):
             return None
         return Claim(Outcome.CLAIMED, record_id=record.pk, token=token, taken_over=taken_over)
 
-    def _increment(
-        self, claim: Claim, counter: str, *, replayed_at: datetime | None = None
-    ) -> None:
-        """Add one to a monitoring counter. Best effort: a counter is never worth failing or
-        delaying an answer, so lock errors (the row may be held by its original until it
-        commits) are logged and swallowed.
-
-        One hand-written statement: this runs after every replay, 409 and 422. On PostgreSQL,
-        outside a transaction, it commits asynchronously (``set_config(..., true)`` lasts for
-        the statement's own transaction): it never waits for a WAL flush, and a crash can only
-        lose a count. The row must still be in the lifetime the answer came from (same
-        ``created_at``): an expired record's row may have been reused since."""
-        connection = connections[self.alias]
-        params: list[Any] = []
+    def _increment(self, claim: Claim, counter: str, *, replayed_at: datetime | None = None) -> None:
+        """Add one to a monitoring counter of the claim's record lifetime, in the counter
+        table (never the record's row, which its in-flight owner may be about to update).
+        Best effort: a counter is never worth failing an answer, so lock errors are logged
+        and swallowed."""
+        counters = IdempotencyCounter.objects.using(self.alias)
+        lifetime = {"record_id": claim.record_id, "lifetime": claim.record_created_at}
+        changes: dict[str, Any] = {counter: F(counter) + 1}
         if replayed_at is not None:
-            params.append(connection.ops.adapt_datetimefield_value(replayed_at))
-        asynchronous = self._autocommit_postgresql()
-
-        def build(quote: Any) -> str:
-            column = quote(_column(counter))
-            assignments = [f"{column} = {column} + 1"]
-            if replayed_at is not None:
-                assignments.append(f"{quote(_column('last_replayed_at'))} = %s")
-            source = (
-                " FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit"
-                if asynchronous
-                else ""
-            )
-            return (
-                f"UPDATE {quote(IdempotencyRecord._meta.db_table)} SET {', '.join(assignments)}"
-                f"{source} WHERE {quote(_column('id'))} = %s"
-                f" AND {quote(_column('created_at'))} = %s"
-            )
-
-        sql = _statement(
-            connection, "count", counter, replayed_at is not None, asynchronous, build=build
-        )
-        created_at = connection.ops.adapt_datetimefield_value(claim.record_created_at)
+            changes["last_replayed_at"] = replayed_at
         try:
-            with self._statement_savepoint(), connection.cursor() as cursor:
-                cursor.execute(sql, [*params, claim.record_id, created_at])
+            with self._statement_savepoint():
+                if counters.filter(**lifetime).update(**changes):
+                    return
+            try:
+                with transaction.atomic(using=self.alias):
+                    counters.create(**lifetime, **{counter: 1}, last_replayed_at=replayed_at)
+            except IntegrityError:
+                # Another answer created the row first: add to it.
+                with self._statement_savepoint():
+                    counters.filter(**lifetime).update(**changes)
         except DatabaseError as error:
             if not is_lock_conflict(error):
                 raise
             logger.info("idempotency counter not updated: %s", error)
-            if self._in_transaction() and connection.vendor == "mysql":
-                # InnoDB rolls back the whole transaction on a deadlock.
-                transaction.set_rollback(True, using=self.alias)
 
     def clean_up_batch(self) -> None:
         try:
@@ -477,11 +447,11 @@ class DatabaseStorage(BaseStorage):
         if claim.record_id is None or claim.record_created_at is None:
             return
         if claim.outcome is Outcome.REPLAY:
-            self._increment(claim, "replay_count", replayed_at=timezone.now())
+            self._increment(claim, "replays", replayed_at=timezone.now())
         elif claim.outcome is Outcome.MISMATCH:
-            self._increment(claim, "mismatch_count")
+            self._increment(claim, "mismatches")
         elif claim.outcome is Outcome.IN_FLIGHT:
-            self._increment(claim, "conflict_count")
+            self._increment(claim, "conflicts")
 
     # -- complete / release ---------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, router
 from django.db.models import Count, Min, Sum
 from django.utils import timezone
 
-from idempotency_django.models import IdempotencyRecord
+from idempotency_django.models import IdempotencyCounter, IdempotencyRecord
 
 
 def collect(alias: str) -> dict[str, Any]:
@@ -20,10 +20,8 @@ def collect(alias: str) -> dict[str, Any]:
     by_state = dict(
         records.order_by().values_list("state").annotate(n=Count("pk")).values_list("state", "n")
     )
-    totals = records.aggregate(
-        replays=Sum("replay_count"),
-        conflicts=Sum("conflict_count"),
-        mismatches=Sum("mismatch_count"),
+    totals = IdempotencyCounter.objects.using(alias).aggregate(
+        replays=Sum("replays"), conflicts=Sum("conflicts"), mismatches=Sum("mismatches")
     )
     replays = totals["replays"] or 0
     executions = by_state.get(IdempotencyRecord.State.COMPLETED, 0)
