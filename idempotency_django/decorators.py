@@ -31,6 +31,7 @@ def idempotent(
     required: bool | None = None,
     ttl: timedelta | float | None = USE_SETTING,
     conflict: str | None = None,
+    using: Sequence[str] | None = None,
 ) -> Callable[[F], F]: ...
 
 
@@ -41,6 +42,7 @@ def idempotent(
     required: bool | None = None,
     ttl: timedelta | float | None = USE_SETTING,
     conflict: str | None = None,
+    using: Sequence[str] | None = None,
 ) -> F | Callable[[F], F]:
     """Make a view honour the ``Idempotency-Key`` header.
 
@@ -54,8 +56,12 @@ def idempotent(
     calls the function only after those checks; for plain Django views, after the
     middleware (so ``request.user`` is set). Keyword arguments override the settings for
     this view; omitted ones use the ``IDEMPOTENCY`` setting (``ttl=None`` keeps forever).
+    ``using`` lists further database aliases the view writes to, joined into its
+    transaction (see :class:`~idempotency_django.mixins.IdempotentMixin`).
     """
-    options = Options(methods=methods, required=required, ttl=ttl, conflict=conflict)
+    options = Options(
+        methods=methods, required=required, ttl=ttl, conflict=conflict, using=using
+    )
 
     def decorate(view_func: F) -> F:
         view_class = getattr(view_func, "cls", None) or getattr(view_func, "view_class", None)

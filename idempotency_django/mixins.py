@@ -21,6 +21,11 @@ class IdempotentMixin:
         class PaymentViewSet(IdempotentMixin, viewsets.ModelViewSet):
             idempotency_required = True
 
+    ``idempotency_using`` lists further database aliases the handler writes to: each gets a
+    nested ``transaction.atomic(using=...)`` around the handler, so a 5xx, an exception or a
+    lost lease rolls those writes back too (committed one after the other, not a two-phase
+    commit: see the storage docs).
+
     It runs after DRF's authentication, permission and throttle checks (in ``initial``),
     around the handler. Class attributes override the settings for this view; ``None``
     (``USE_SETTING`` for ``idempotency_ttl``, where ``None`` means "keep forever") uses the
@@ -31,6 +36,8 @@ class IdempotentMixin:
     idempotency_required: bool | None = None
     idempotency_ttl: timedelta | float | None = USE_SETTING
     idempotency_conflict: str | None = None
+    #: Further database aliases the handler writes to, joined into its transaction.
+    idempotency_using: Sequence[str] | None = None
 
     def get_idempotency_methods(self) -> Sequence[str] | None:
         return self.idempotency_methods
@@ -44,12 +51,16 @@ class IdempotentMixin:
     def get_idempotency_conflict(self) -> str | None:
         return self.idempotency_conflict
 
+    def get_idempotency_using(self) -> Sequence[str] | None:
+        return self.idempotency_using
+
     def get_idempotency_options(self) -> Options:
         return Options(
             methods=self.get_idempotency_methods(),
             required=self.get_idempotency_required(),
             ttl=self.get_idempotency_ttl(),
             conflict=self.get_idempotency_conflict(),
+            using=self.get_idempotency_using(),
         )
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:

@@ -9,7 +9,7 @@ import pytest
 from django.db import connections
 from django.utils import timezone
 
-from idempotency_django.models import IdempotencyRecord
+from idempotency_django.models import IdempotencyCounter, IdempotencyRecord
 from tests.factories import IdempotencyRecordFactory
 from tests.testapp.models import Payment
 
@@ -132,9 +132,9 @@ def test_in_flight_record_past_processing_timeout_is_taken_over(post):
 
 def test_expired_record_behaves_as_absent(post):
     post("/payments/", BODY, "k1")
-    IdempotencyRecord.objects.update(
-        expires_at=timezone.now() - timedelta(seconds=1), replay_count=3
-    )
+    IdempotencyRecord.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
+    old = IdempotencyRecord.objects.get()
+    IdempotencyCounter.objects.create(record_id=old.pk, lifetime=old.created_at, replays=3)
     response = post("/payments/", {**BODY, "amount": 7}, "k1")
     assert response.status_code == 201
     assert "Idempotent-Replayed" not in response.headers

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from idempotency_django.models import IdempotencyRecord
+from idempotency_django.models import IdempotencyCounter, IdempotencyRecord
 from idempotency_django.storage import Outcome, RequestIdentity, StoredResponse, get_storage
 from idempotency_django.storage.database import DatabaseStorage
 from tests.factories import IdempotencyRecordFactory
@@ -109,8 +109,10 @@ def test_counters_never_land_on_a_later_lifetime_of_the_same_row():
     assert replay.outcome is Outcome.REPLAY
     # The record expires and the row is reused for a new request before the replay's
     # counter is written (it is written after the response has been sent).
-    IdempotencyRecord.objects.update(
-        expires_at=timezone.now() - timedelta(seconds=1), conflict_count=3, mismatch_count=2
+    IdempotencyRecord.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
+    old = IdempotencyRecord.objects.get()
+    IdempotencyCounter.objects.create(
+        record_id=old.pk, lifetime=old.created_at, conflicts=3, mismatches=2
     )
     fresh = storage.claim(identity(fingerprint="other"), lease=LEASE, ttl=TTL)
     assert fresh.outcome is Outcome.CLAIMED

@@ -6,12 +6,27 @@ from idempotency_django.conf import idempotency_settings
 from idempotency_django.storage.base import (
     BaseStorage,
     Claim,
-    Outcome,
+    ClaimOutcome,
+    Operation,
     RequestIdentity,
     StoredResponse,
+    UnitOfWork,
 )
 
-__all__ = ["BaseStorage", "Claim", "Outcome", "RequestIdentity", "StoredResponse", "get_storage"]
+#: The name :class:`ClaimOutcome` had before the engine got outcomes of its own.
+Outcome = ClaimOutcome
+
+__all__ = [
+    "BaseStorage",
+    "Claim",
+    "ClaimOutcome",
+    "Operation",
+    "Outcome",
+    "RequestIdentity",
+    "StoredResponse",
+    "UnitOfWork",
+    "get_storage",
+]
 
 _instances: dict[type, BaseStorage] = {}
 

@@ -1,15 +1,26 @@
-"""The storage interface: the four operations the exactly-once engine is built from."""
+"""The storage seam: what a storage does (claim, complete, release, lookup) and what it can
+promise (whether completion joins the caller's database transaction).
+
+The engine (:mod:`idempotency_django.core`) is written against this interface only, so a
+storage that keeps records elsewhere is one subclass, with no change to the engine."""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from types import TracebackType
+
+from django.db import transaction
+from django.db.transaction import TransactionManagementError
 
 
 @dataclass(frozen=True)
 class StoredResponse:
-    """A response as stored and replayed: status, headers (name, value pairs) and body."""
+    """A result as stored and replayed: a status number, (name, value) metadata pairs and
+    the body bytes. Over HTTP these are the response's status, headers and body."""
 
     status: int
     headers: list[tuple[str, str]]
@@ -17,8 +28,11 @@ class StoredResponse:
 
 
 @dataclass(frozen=True)
-class RequestIdentity:
-    """What identifies a request to the store. The request body itself is never stored."""
+class Operation:
+    """What identifies an operation to the store: who (``scope``), which (``key``), and
+    what was asked (``fingerprint``, a hash; the request itself is never stored).
+    ``method`` and ``path`` describe it for people (HTTP method and path, or an entry
+    point's own kind and name)."""
 
     scope: str
     key: str
@@ -27,10 +41,14 @@ class RequestIdentity:
     path: str
 
 
-class Outcome(enum.Enum):
-    CLAIMED = "claimed"  # this request owns the key and must execute the handler
-    REPLAY = "replay"  # a completed response with the same fingerprint exists
-    IN_FLIGHT = "in_flight"  # another request owns the key and its lease is alive
+#: The name this type had before the engine became transport-neutral.
+RequestIdentity = Operation
+
+
+class ClaimOutcome(enum.Enum):
+    CLAIMED = "claimed"  # this worker owns the key and must run the work
+    REPLAY = "replay"  # a completed result with the same fingerprint exists
+    IN_FLIGHT = "in_flight"  # another worker owns the key and its lease is alive
     MISMATCH = "mismatch"  # the key was used with a different fingerprint
 
 
@@ -38,7 +56,7 @@ class Outcome(enum.Enum):
 class Claim:
     """The answer of :meth:`BaseStorage.claim`."""
 
-    outcome: Outcome
+    outcome: ClaimOutcome
     record_id: int | None = None
     token: str | None = None
     taken_over: bool = False
@@ -47,40 +65,120 @@ class Claim:
     # When the record this answer came from was created: a record's row can be reused for a
     # new lifetime once it expired, and counters must not be written to the new one.
     record_created_at: datetime | None = None
+    scope: str = ""
+    key: str = ""
+    # The storage's clock minus this process's clock when the claim was made: timestamps
+    # written later (completion, expiry) follow the storage's clock, as the claim's did.
+    clock_offset: timedelta = timedelta(0)
+
+
+class WorkAborted(TransactionManagementError):
+    """The work returned a final result although its transaction was marked for rollback
+    (it caught a database error inside it): the result cannot be kept."""
+
+
+class UnitOfWork:
+    """The transaction a unit of work runs in: ``transaction.atomic()`` on the storage's
+    alias and on every alias in ``using`` (nested, in that order: one commit after the
+    other, not a two-phase commit)."""
+
+    def __init__(self, storage: BaseStorage, using: Sequence[str]) -> None:
+        self.storage = storage
+        self.aliases = [storage.alias, *(alias for alias in using if alias != storage.alias)]
+        self._stack = ExitStack()
+
+    def __enter__(self) -> UnitOfWork:
+        with ExitStack() as stack:
+            for alias in self.aliases:
+                stack.enter_context(transaction.atomic(using=alias))
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        return self._stack.__exit__(kind, error, traceback)
+
+    def rollback_pending(self) -> bool:
+        """Whether the work marked its transaction for rollback."""
+        return any(transaction.get_rollback(using=alias) for alias in self.aliases)
+
+    def lost(self, error: BaseException) -> bool:
+        """Whether ``error`` means the storage's connection was lost during the work."""
+        return self.storage.is_unavailable(error)
 
 
 class BaseStorage:
     """Where records live. Subclasses implement claim, complete, release and lookup.
 
-    ``alias`` names the database connection whose transaction the handler runs in, so the
-    handler's writes and :meth:`complete` commit together.
+    ``alias`` names the database connection whose transaction the work runs in.
+    ``joins_transaction`` says what the storage can promise: True when :meth:`complete`
+    writes inside that transaction (the work's writes and the stored result commit
+    together); False when it cannot, and then the engine calls :meth:`after_commit` once
+    the transaction has committed instead of :meth:`complete` inside it.
     """
 
     alias: str = "default"
+    joins_transaction: bool = True
 
-    def claim(self, identity: RequestIdentity, *, lease: timedelta, ttl: timedelta | None) -> Claim:
-        """Take ownership of ``identity``'s key, or say why not (replay, in flight, mismatch)."""
+    def claim(
+        self,
+        operation: Operation,
+        *,
+        lease: timedelta,
+        ttl: timedelta | None,
+        wait: timedelta | None = None,
+    ) -> Claim:
+        """Take ownership of ``operation``'s key, or say why not (replay, in flight,
+        mismatch). ``wait`` is the longest this call may block on a concurrent owner
+        (``None``: as short as the storage can make it)."""
         raise NotImplementedError
 
     def complete(self, claim: Claim, response: StoredResponse, *, ttl: timedelta | None) -> bool:
-        """Store ``response`` if ``claim`` still owns the key. Runs inside the handler's
-        transaction. False means ownership was lost: the caller must roll back."""
+        """Store ``response`` if ``claim`` still owns the key. With ``joins_transaction``
+        it runs inside the work's transaction. False means ownership was lost: the caller
+        must roll back."""
         raise NotImplementedError
+
+    def after_commit(
+        self, claim: Claim, response: StoredResponse, *, ttl: timedelta | None
+    ) -> None:
+        """For a storage that does not join the transaction: store ``response`` now that the
+        work's transaction has committed (by default, :meth:`complete`)."""
+        self.complete(claim, response, ttl=ttl)
 
     def release(self, claim: Claim) -> bool:
         """Forget the key if ``claim`` still owns it, so the client may retry at once."""
         raise NotImplementedError
 
+    def unit_of_work(self, using: Sequence[str] = ()) -> UnitOfWork:
+        """The transaction the work runs in (see :class:`UnitOfWork`)."""
+        return UnitOfWork(self, using)
+
+    def can_poll(self) -> bool:
+        """Whether waiting for an in-flight original may poll :meth:`claim` (False where a
+        poll could never see the original finish, e.g. inside a snapshot)."""
+        return True
+
+    def abandon(self) -> None:
+        """The storage failed mid-request: leave whatever it was part of safe (the
+        database storage marks an outer transaction for rollback)."""
+
     def clean_up_batch(self) -> None:
         """Delete one small batch of expired records (``CLEANUP_PROBABILITY``)."""
 
     def note_answer(self, claim: Claim) -> None:
-        """Count a replay, a 409 or a 422 answered for ``claim``'s record (monitoring only).
-        Called after the response has been sent, never inside the request's transaction."""
+        """Count a replay, an in-flight answer or a mismatch for ``claim``'s record
+        (monitoring only). Called after the answer was delivered, never inside the work's
+        transaction, and never on a row an in-flight owner will update."""
 
     def is_unavailable(self, error: BaseException) -> bool:
-        """Whether ``error`` means the storage could not be reached (answered 503), rather
-        than an error of the application's own (propagated)."""
+        """Whether ``error`` means the storage could not be reached (answered 503 over
+        HTTP), rather than an error of the application's own (propagated). A storage that
+        talks to another service maps that service's connection errors here."""
         from idempotency_django.storage.errors import is_connection_lost
 
         return is_connection_lost(error, self.alias)

@@ -8,9 +8,11 @@ from __future__ import annotations
 from django.db import DatabaseError, connections
 
 # Another transaction holds the lock: PostgreSQL deadlock_detected, lock_not_available,
-# serialization_failure; MySQL/MariaDB ER_LOCK_WAIT_TIMEOUT, ER_LOCK_DEADLOCK.
+# serialization_failure; MySQL/MariaDB ER_LOCK_WAIT_TIMEOUT, ER_LOCK_DEADLOCK, and ER_CHECKREAD
+# ("Record has changed since last read": MariaDB's REPEATABLE READ with
+# innodb_snapshot_isolation, its serialization failure).
 _LOCK_SQLSTATES = frozenset({"40P01", "55P03", "40001"})
-_LOCK_MYSQL_CODES = frozenset({1205, 1213})
+_LOCK_MYSQL_CODES = frozenset({1020, 1205, 1213})
 
 # The statement ran out of time: PostgreSQL query_canceled (statement_timeout); MariaDB
 # ER_STATEMENT_TIMEOUT (max_statement_time), MySQL ER_QUERY_TIMEOUT (max_execution_time).

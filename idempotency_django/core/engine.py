@@ -1,0 +1,281 @@
+"""Claim, run, complete or release: the exactly-once engine every adapter shares."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from idempotency_django.conf import idempotency_settings
+from idempotency_django.storage import BaseStorage, Claim, ClaimOutcome, get_storage
+from idempotency_django.storage.base import Operation, StoredResponse, WorkAborted
+
+logger = logging.getLogger("idempotency_django")
+
+# Polling interval bounds while waiting for an in-flight original (exponential backoff).
+WAIT_FIRST_DELAY = 0.05
+WAIT_MAX_DELAY = 1.0
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How one operation is run. ``conflict`` is ``"reject"`` (answer "in flight" at once)
+    or ``"wait"`` (wait up to ``wait_timeout`` for the original, then replay). ``using``
+    names further database aliases whose transactions the unit of work joins."""
+
+    ttl: timedelta | None
+    lease: timedelta
+    conflict: str = "reject"
+    wait_timeout: timedelta = timedelta(seconds=10)
+    using: Sequence[str] = ()
+
+
+class Outcome(enum.Enum):
+    EXECUTED = "executed"  # the work ran and its result was stored with its writes
+    REPLAYED = "replayed"  # a stored result with the same fingerprint was returned
+    IN_FLIGHT = "in_flight"  # another worker owns the key and its lease is alive
+    MISMATCH = "mismatch"  # the key was used with a different fingerprint
+    UNAVAILABLE = "unavailable"  # the storage could not be reached; nothing ran or was kept
+    RELEASED = "released"  # the work ran, its result is not final: rolled back, key released
+    LEASE_LOST = "lease_lost"  # the work outlived its lease and was taken over: rolled back
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a unit of work returns. ``value`` is handed back to the adapter as it is;
+    ``stored`` is what is kept and replayed, or ``None`` for a result that is not final
+    (its writes roll back and the key is released). ``keep_after_rollback`` says that a
+    final result stays final when the transaction was marked for rollback by the work (its
+    writes are undone, the result is stored on its own)."""
+
+    value: Any
+    stored: StoredResponse | None
+    keep_after_rollback: bool = False
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What :func:`perform` did. ``value`` is the work's value (executed, released),
+    ``stored`` the stored result (executed, replayed)."""
+
+    outcome: Outcome
+    claim: Claim | None = None
+    value: Any = None
+    stored: StoredResponse | None = None
+    retry_after: timedelta | None = None
+    taken_over: bool = False
+    released: bool = False
+    storage: BaseStorage | None = field(default=None, repr=False)
+
+    def count(self) -> None:
+        """Count this answer on the record (replays, in flight, mismatches): monitoring
+        only, to be called once the answer has been delivered."""
+        if self.storage is not None and self.claim is not None:
+            self.storage.note_answer(self.claim)
+
+
+class ResultTooLarge(Exception):
+    """The result is larger than ``MAX_RESPONSE_SIZE``: it was neither stored nor kept
+    (its writes rolled back) and the key was released."""
+
+    def __init__(self, stored: StoredResponse, limit: int) -> None:
+        super().__init__(f"result of {len(stored.body)} bytes, limit {limit}")
+        self.stored = stored
+        self.limit = limit
+
+
+class _NotFinal(Exception):
+    def __init__(self, result: Result) -> None:
+        self.result = result
+
+
+class _StoreAfterRollback(_NotFinal):
+    pass
+
+
+class _LeaseLost(Exception):
+    pass
+
+
+def perform(
+    operation: Operation,
+    work: Callable[[], Result],
+    policy: Policy,
+    *,
+    storage: BaseStorage | None = None,
+    released: Callable[[Result | None], None] | None = None,
+) -> Answer:
+    """Run ``work`` at most once per (scope, key) to a stored, final result.
+
+    ``released`` is called when the key was released after the work failed (with the
+    work's result, or ``None`` for an exception), before an exception propagates.
+    """
+    storage = storage or get_storage()
+    try:
+        claim = _acquire(storage, operation, policy)
+    except Exception as error:
+        if not storage.is_unavailable(error):
+            raise
+        logger.exception("idempotency key %r: the storage is unavailable", operation.key)
+        storage.abandon()
+        return Answer(Outcome.UNAVAILABLE, storage=storage)
+    if claim.outcome is ClaimOutcome.MISMATCH:
+        return Answer(Outcome.MISMATCH, claim, storage=storage)
+    if claim.outcome is ClaimOutcome.IN_FLIGHT:
+        return Answer(Outcome.IN_FLIGHT, claim, retry_after=claim.retry_after, storage=storage)
+    if claim.outcome is ClaimOutcome.REPLAY:
+        return Answer(Outcome.REPLAYED, claim, stored=claim.response, storage=storage)
+    if claim.outcome is not ClaimOutcome.CLAIMED or claim.token is None:
+        raise RuntimeError(f"refusing to run work without owning the key: {claim.outcome}")
+    return _execute(storage, claim, work, policy, released or (lambda result: None))
+
+
+def _acquire(storage: BaseStorage, operation: Operation, policy: Policy) -> Claim:
+    wait = policy.wait_timeout if policy.conflict == "wait" else None
+    claim = storage.claim(operation, lease=policy.lease, ttl=policy.ttl, wait=wait)
+    if claim.outcome is not ClaimOutcome.IN_FLIGHT or wait is None or not storage.can_poll():
+        return claim
+    # Bounded backoff: one cheap read per poll, never a busy loop on the storage.
+    deadline = time.monotonic() + wait.total_seconds()
+    delay = WAIT_FIRST_DELAY
+    while claim.outcome is ClaimOutcome.IN_FLIGHT:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, WAIT_MAX_DELAY)
+        claim = storage.claim(operation, lease=policy.lease, ttl=policy.ttl)
+    return claim
+
+
+def _check_size(stored: StoredResponse) -> None:
+    limit = idempotency_settings.MAX_RESPONSE_SIZE
+    if limit is not None and len(stored.body) > limit:
+        raise ResultTooLarge(stored, limit)
+
+
+def _execute(
+    storage: BaseStorage,
+    claim: Claim,
+    work: Callable[[], Result],
+    policy: Policy,
+    released: Callable[[Result | None], None],
+) -> Answer:
+    unit = storage.unit_of_work(policy.using)
+    completed_inside = storage.joins_transaction
+    try:
+        with unit:
+            result = work()
+            if result.stored is None:
+                raise _NotFinal(result)
+            if unit.rollback_pending():
+                if result.keep_after_rollback:
+                    raise _StoreAfterRollback(result)
+                raise WorkAborted(
+                    "The work returned a final result after a database error it caught "
+                    "inside the idempotency transaction, so its writes were rolled back. "
+                    "Wrap the statement that may fail in its own transaction.atomic() block."
+                )
+            _check_size(result.stored)
+            # Same transaction as the work's writes: both commit, or neither does.
+            if completed_inside and not storage.complete(claim, result.stored, ttl=policy.ttl):
+                raise _LeaseLost
+    except _StoreAfterRollback as deferred:
+        # The work's writes are rolled back; its (final) result is still the one to replay.
+        result = deferred.result
+        assert result.stored is not None
+        try:
+            _check_size(result.stored)
+            if not storage.complete(claim, result.stored, ttl=policy.ttl):
+                return _lease_lost(storage, claim)
+        except ResultTooLarge:
+            _release(storage, claim, released, result, "a result too large to store")
+            raise
+        except BaseException as error:
+            return _failed(storage, claim, unit.lost(error), error, released)
+    except ResultTooLarge as error:
+        logger.error("idempotency key: result larger than MAX_RESPONSE_SIZE (%s)", error)
+        _release(storage, claim, released, None, "a result too large to store")
+        raise
+    except _NotFinal as discarded:
+        # Not final (HTTP: 5xx): nothing is stored and the key is released, so the client
+        # may retry at once.
+        freed = _release(storage, claim, released, discarded.result, "a result not final")
+        return Answer(
+            Outcome.RELEASED, claim, value=discarded.result.value, released=freed, storage=storage
+        )
+    except _LeaseLost:
+        return _lease_lost(storage, claim)
+    except BaseException as error:
+        return _failed(storage, claim, unit.lost(error), error, released)
+    if not completed_inside:
+        # A storage outside the database transaction completes after the commit (the
+        # window this leaves is the storage's documented trade-off).
+        storage.after_commit(claim, result.stored, ttl=policy.ttl)
+    return Answer(
+        Outcome.EXECUTED,
+        claim,
+        value=result.value,
+        stored=result.stored,
+        taken_over=claim.taken_over,
+        storage=storage,
+    )
+
+
+def _failed(
+    storage: BaseStorage,
+    claim: Claim,
+    lost: bool,
+    error: BaseException,
+    released: Callable[[Result | None], None],
+) -> Answer:
+    """The work or the completion failed and its transaction rolled back: release the key,
+    then answer "unavailable" if the storage's connection was lost, or re-raise."""
+    if lost:
+        logger.error(
+            "idempotency key %r in scope %r: the storage connection was lost mid-operation",
+            claim.key,
+            claim.scope,
+            exc_info=error,
+        )
+        freed = _release(storage, claim, released, None, "a lost storage connection")
+        storage.abandon()
+        return Answer(Outcome.UNAVAILABLE, claim, released=freed, storage=storage)
+    # Any other error (a statement or lock timeout on a healthy connection too): the key
+    # is released and the error propagates to the caller's own error handling.
+    _release(storage, claim, released, None, "an error")
+    raise error
+
+
+def _lease_lost(storage: BaseStorage, claim: Claim) -> Answer:
+    # The work outlived the lease and another worker took the key over: its writes were
+    # rolled back, and the other worker's result is the one a retry will receive. The
+    # release matches nothing then; it frees the key if the completion failed otherwise.
+    logger.warning("idempotency lease lost; the work's writes were rolled back")
+    storage.release(claim)
+    return Answer(Outcome.LEASE_LOST, claim, storage=storage)
+
+
+def _release(
+    storage: BaseStorage,
+    claim: Claim,
+    released: Callable[[Result | None], None],
+    result: Result | None,
+    reason: str,
+) -> bool:
+    """Release the key after a failed execution; ``released`` is told only if it was."""
+    context = {"key": claim.key, "scope": claim.scope, "reason": reason}
+    if storage.release(claim):
+        logger.info("idempotency key %(key)r in scope %(scope)r released after %(reason)s", context)
+        released(result)
+        return True
+    logger.warning(
+        "idempotency key %(key)r in scope %(scope)r not released after %(reason)s: it stays "
+        "in flight until its lease runs out",
+        context,
+    )
+    return False
