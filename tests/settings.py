@@ -6,6 +6,14 @@
 * ``mariadb``: ``MYSQL_HOST`` (127.0.0.1), ``MYSQL_PORT`` (3306), ``MYSQL_USER`` (root),
   ``MYSQL_PASSWORD`` (empty), ``MYSQL_DATABASE`` (test). Uses the pure-Python PyMySQL
   driver, so no client headers are needed.
+
+``TEST_ISOLATION`` picks the transaction isolation level on a server database:
+``read committed`` (the default on both), ``repeatable read`` or ``serializable``
+(PostgreSQL only). MariaDB at ``repeatable read`` also turns on
+``innodb_snapshot_isolation`` (MariaDB 10.11.8+), so that writing a row another transaction
+changed after this one's snapshot fails with error 1020 instead of silently overwriting it,
+as PostgreSQL's REPEATABLE READ fails with a serialization error. ``make test-isolation``
+runs the concurrency suites at every level.
 """
 
 from __future__ import annotations
@@ -16,6 +24,17 @@ import tempfile
 from typing import Any
 
 DATABASE = os.environ.get("TEST_DATABASE", "sqlite")
+TEST_ISOLATION = " ".join(os.environ.get("TEST_ISOLATION", "read committed").lower().split())
+# The levels each server offers to Django (SQLite is serializable whatever this says).
+ISOLATION_LEVELS = {
+    "postgres": ("read committed", "repeatable read", "serializable"),
+    "mariadb": ("read committed", "repeatable read"),
+}
+if DATABASE in ISOLATION_LEVELS and TEST_ISOLATION not in ISOLATION_LEVELS[DATABASE]:
+    raise ValueError(
+        f"TEST_ISOLATION={TEST_ISOLATION!r} is not one of {ISOLATION_LEVELS.get(DATABASE)} "
+        f"for TEST_DATABASE={DATABASE!r}"
+    )
 
 if DATABASE == "postgres":
     DATABASES: dict[str, dict[str, Any]] = {
@@ -28,6 +47,12 @@ if DATABASE == "postgres":
             "NAME": os.environ.get("PGDATABASE", "postgres"),
         }
     }
+    if TEST_ISOLATION != "read committed":
+        import psycopg
+
+        DATABASES["default"]["OPTIONS"] = {
+            "isolation_level": psycopg.IsolationLevel[TEST_ISOLATION.upper().replace(" ", "_")]
+        }
 elif DATABASE == "mariadb":
     import pymysql
 
@@ -44,6 +69,11 @@ elif DATABASE == "mariadb":
             "TEST": {"CHARSET": "utf8mb4", "COLLATION": "utf8mb4_unicode_ci"},
         }
     }
+    if TEST_ISOLATION == "repeatable read":
+        DATABASES["default"]["OPTIONS"].update(
+            isolation_level="repeatable read",
+            init_command="SET SESSION innodb_snapshot_isolation = ON",
+        )
 else:
     DATABASES = {
         "default": {
@@ -136,5 +166,20 @@ CELERY_BEAT_SCHEDULE = {
         "task": "idempotency_django.delete_expired_records",
         "schedule": float(os.environ.get("IDEMPOTENCY_CLEANUP_EVERY", "3600")),
         "kwargs": {"batch_size": 2},
+    },
+}
+
+# A second database, for handlers that write to another alias (tests/test_other_alias.py):
+# the same server, another database.
+DATABASES["other"] = {
+    **DATABASES["default"],
+    "NAME": f"{DATABASES['default']['NAME']}_other",
+    "TEST": {
+        **DATABASES["default"].get("TEST", {}),
+        **(
+            {"NAME": f"{DATABASES['default']['TEST']['NAME']}_other"}
+            if "NAME" in DATABASES["default"].get("TEST", {})
+            else {}
+        ),
     },
 }

@@ -4,10 +4,13 @@ on every alias a view lists in ``using``."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from django.conf import settings
 from django.db import DatabaseError, connections
 
 from idempotency_django.storage.base import UnitOfWork
@@ -16,6 +19,8 @@ if TYPE_CHECKING:
     from idempotency_django.storage.base import BaseStorage
 
 logger = logging.getLogger("idempotency_django")
+
+_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE", "MERGE")
 
 
 class DatabaseUnit(UnitOfWork):
@@ -28,15 +33,26 @@ class DatabaseUnit(UnitOfWork):
       completion has committed. One that raises must not turn that committed, stored answer
       into an error for the client: they are made robust (Django logs a robust callback's
       error on the ``django.db.backends.base`` logger and runs the next one).
+    * With ``DEBUG``, writes the work sends to a database alias outside the unit (neither
+      the records' alias nor one listed in ``using``) raise a ``RuntimeWarning``: they
+      commit on their own, so a 5xx or a lost lease would not undo them, and a retry would
+      repeat them.
     """
 
     def __init__(self, storage: BaseStorage, using: Sequence[str]) -> None:
         super().__init__(storage, using)
         self._opened: Any = None
         self._hooks_before: dict[str, int] = {}
+        self._watch = ExitStack()
+        self._outside: set[str] = set()
 
     def __enter__(self) -> DatabaseUnit:
         self._opened = connections[self.storage.alias].connection
+        if settings.DEBUG:
+            for alias in connections:
+                if alias not in self.aliases:
+                    watcher = self._watcher(alias)
+                    self._watch.enter_context(connections[alias].execute_wrapper(watcher))
         super().__enter__()
         for alias in self.aliases:
             self._hooks_before[alias] = len(connections[alias].run_on_commit)
@@ -51,7 +67,28 @@ class DatabaseUnit(UnitOfWork):
         if kind is None:
             for alias, before in self._hooks_before.items():
                 _make_robust(alias, before)
-        return super().__exit__(kind, error, traceback)
+        try:
+            return super().__exit__(kind, error, traceback)
+        finally:
+            self._watch.close()
+            if self._outside:
+                warnings.warn(
+                    f"The idempotent work wrote to database alias(es) "
+                    f"{', '.join(sorted(self._outside))} outside its transaction on "
+                    f"{', '.join(self.aliases)}: those writes commit on their own and are "
+                    "repeated if the operation is retried after a 5xx or a lost lease. List "
+                    "them in the view's idempotency_using / @idempotent(using=[...]).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+
+    def _watcher(self, alias: str) -> Callable[..., Any]:
+        def watch(execute: Callable[..., Any], sql: str, *args: Any) -> Any:
+            if sql.lstrip()[:7].upper().startswith(_WRITES):
+                self._outside.add(alias)
+            return execute(sql, *args)
+
+        return watch
 
     def lost(self, error: BaseException) -> bool:
         replaced = (
