@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db import OperationalError, connections, models, transaction
+from django.db import models
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.translation import gettext_lazy as _
+
+from idempotency_django import maintenance
+
+# Kept importable from here (the cleanup moved to idempotency_django.maintenance).
+from idempotency_django.maintenance import (
+    CLEANUP_LOCK_TIMEOUT,
+    DEFAULT_CLEANUP_BATCH_SIZE,
+    CleanupResult,
+)
+
+__all__ = [
+    "CLEANUP_LOCK_TIMEOUT",
+    "DEFAULT_CLEANUP_BATCH_SIZE",
+    "CaseSensitiveCharField",
+    "CleanupResult",
+    "IdempotencyCounter",
+    "IdempotencyRecord",
+    "IdempotencyRecordQuerySet",
+]
 
 
 class CaseSensitiveCharField(models.CharField):  # type: ignore[type-arg]
@@ -40,111 +57,19 @@ class CaseSensitiveCharField(models.CharField):  # type: ignore[type-arg]
         return params
 
 
-@dataclass(frozen=True)
-class CleanupResult:
-    """What :meth:`IdempotencyRecordQuerySet.delete_expired` did."""
-
-    deleted: int
-    batches: int
-    seconds: float
-    longest_batch_seconds: float
-
-
-# Rows per cleanup batch unless told otherwise (the command, the Celery task and the queryset
-# share it). On PostgreSQL a batch of 5,000 rows writes about 1.7 MB of WAL right after a
-# checkpoint (full-page images), a few milliseconds of flushing: small enough that live
-# requests committing meanwhile are not held up, large enough that the per-batch round trip
-# costs little (docs/benchmarks.md).
-DEFAULT_CLEANUP_BATCH_SIZE = 5000
-
-# PostgreSQL cleanup first deletes each range without locking rows first, waiting at most this
-# long for a row an in-flight request holds; on a timeout the range is redone with SKIP LOCKED.
-CLEANUP_LOCK_TIMEOUT = "20ms"
-
-
-def _expired_id_bounds(model: Any, alias: str, now: datetime) -> tuple[int, int] | None:
-    """The lowest and highest primary key among expired rows (two primary-key index scans
-    that stop at the first expired row from each end)."""
-    records = model._base_manager.using(alias).filter(expires_at__lte=now)
-    low = records.order_by("pk").values_list("pk", flat=True).first()
-    high = records.order_by("-pk").values_list("pk", flat=True).first()
-    return None if low is None or high is None else (int(low), int(high))
-
-
-def _delete_range_postgresql(model: Any, alias: str, now: datetime, low: int, high: int) -> int:
-    """Delete the expired rows with ``low <= pk < high`` in one statement.
-
-    A primary-key range delete is nearly as fast per row as one big ``DELETE`` (no
-    ``LIMIT`` subquery, no row-by-row lookups). Expired rows are almost never locked (only
-    while a request reuses one), so outside a transaction the range is first deleted under
-    a ``lock_timeout`` of ``CLEANUP_LOCK_TIMEOUT``, set by the statement itself with
-    ``set_config(..., true)``: it lasts for that statement's own transaction only, so no
-    session state is left behind (safe behind PgBouncer's transaction pooling). If it meets
-    a row an in-flight request holds, the range is redone selecting ``FOR UPDATE SKIP
-    LOCKED``, leaving that row for a later run. Inside a caller's transaction (an atomic
-    block, or ``AUTOCOMMIT = False``) only the ``SKIP LOCKED`` form is used, so the caller's
-    own ``lock_timeout`` is never changed.
-    Cleanup never waits on live traffic for longer than ``CLEANUP_LOCK_TIMEOUT``.
-
-    Each batch commits synchronously on purpose: with ``synchronous_commit = off`` its WAL
-    would be flushed by whichever live request commits next, and that request would wait for
-    it.
-    """
-    connection = connections[alias]
-    table = connection.ops.quote_name(model._meta.db_table)
-    pk = connection.ops.quote_name(model._meta.pk.column)
-    where = f"{pk} >= %s AND {pk} < %s AND expires_at <= %s"
-    params: list[Any] = [low, high, now]
-    with connection.cursor() as cursor:
-        if connection.get_autocommit() and not connection.in_atomic_block:
-            try:
-                # Autocommit: the statement is its own transaction, one round trip.
-                cursor.execute(
-                    f"DELETE FROM {table} USING"
-                    " (SELECT set_config('lock_timeout', %s, true)) AS cleanup_settings"
-                    f" WHERE {where}",
-                    [CLEANUP_LOCK_TIMEOUT, *params],
-                )
-                return int(cursor.rowcount)
-            except OperationalError as error:
-                if getattr(error.__cause__, "sqlstate", None) != "55P03":  # lock_not_available
-                    raise
-        cursor.execute(
-            f"DELETE FROM {table} WHERE ctid = ANY(ARRAY("
-            f"SELECT ctid FROM {table} WHERE {where} FOR UPDATE SKIP LOCKED))",
-            params,
-        )
-        return int(cursor.rowcount)
-
-
 class IdempotencyRecordQuerySet(models.QuerySet["IdempotencyRecord"]):
-    def _delete_batch(self, alias: str, now: datetime, batch_size: int) -> int:
-        """One batch on any backend: select ids (``FOR UPDATE SKIP LOCKED`` where
-        supported, so rows held by in-flight requests are left for a later run), then
-        delete them, in one short transaction."""
-        with transaction.atomic(using=alias):
-            candidates = self.expired(now).order_by().values_list("pk", flat=True)
-            if connections[alias].features.has_select_for_update_skip_locked:
-                candidates = candidates.select_for_update(skip_locked=True)
-            ids = list(candidates[:batch_size])
-            if not ids:
-                return 0
-            # Re-checking expiry in the DELETE keeps a row that was reused between the
-            # two statements (only possible where no row lock was taken).
-            count, _ = (
-                self.model._base_manager.using(alias)
-                .filter(pk__in=ids, expires_at__lte=now)
-                .delete()
-            )
-            return count
+    """Thin wrappers over :mod:`idempotency_django.maintenance`, where the cleanup lives."""
 
     def expired(self, now: datetime | None = None) -> IdempotencyRecordQuerySet:
-        """Records whose ``expires_at`` has passed. ``TTL=None`` records never are."""
-        return self.filter(expires_at__lte=now or timezone.now())
+        """Records the cleanup may delete: past ``expires_at`` and held by no request
+        (completed, or their lease ran out). A record in flight under a live lease is not
+        expired here even past a short per-view TTL; ``TTL=None`` records never are.
+        ``now`` defaults to the database server's clock."""
+        return self.filter(maintenance.deletable(now))
 
     def live(self, now: datetime | None = None) -> IdempotencyRecordQuerySet:
-        now = now or timezone.now()
-        return self.filter(models.Q(expires_at__isnull=True) | models.Q(expires_at__gt=now))
+        """Every record :meth:`expired` leaves out."""
+        return self.filter(maintenance.kept(now))
 
     def delete_expired(
         self,
@@ -155,47 +80,27 @@ class IdempotencyRecordQuerySet(models.QuerySet["IdempotencyRecord"]):
         now: datetime | None = None,
         pause: float = 0.0,
     ) -> CleanupResult:
-        """Delete expired records in batches of ``batch_size``, each in its own short
-        transaction, until none is left (or ``max_batches`` ran). ``dry_run`` only counts.
+        """Delete :meth:`expired` records in batches of ``batch_size``, each in its own
+        short transaction, until none is left (or ``max_batches`` ran). ``dry_run`` only
+        counts. A full run (no ``max_batches``, unfiltered) also deletes counter rows of
+        record lifetimes that are gone.
 
-        On PostgreSQL and MariaDB/MySQL each batch selects its rows ``FOR UPDATE SKIP
-        LOCKED``: a row that an in-flight request holds is left for a later run instead of
-        being waited on, so cleanup never blocks live traffic. The command
+        On PostgreSQL and MariaDB/MySQL each batch skips rows an in-flight request holds
+        (``SKIP LOCKED``) instead of waiting for them, so cleanup never blocks live traffic.
+        Expiry is judged by the database server's clock unless ``now`` is given. The command
         ``idempotency_cleanup`` and the Celery task ``delete_expired_records`` call this.
 
         ``pause`` sleeps that many seconds between batches, trading cleanup speed for less
         pressure on live traffic (CPU and WAL flushes on a busy, small database server).
         """
-        now = now or timezone.now()
-        alias = self.db
-        started = time.monotonic()
-        if dry_run:
-            count = self.expired(now).count()
-            return CleanupResult(count, 0, time.monotonic() - started, 0.0)
-        deleted = batches = 0
-        longest = 0.0
-        if connections[alias].vendor == "postgresql" and not self.query.where and not max_batches:
-            # A full run on PostgreSQL walks primary-key ranges (see _delete_range_postgresql).
-            bounds = _expired_id_bounds(self.model, alias, now)
-            for low in range(bounds[0], bounds[1] + 1, batch_size) if bounds else ():
-                if pause and batches:
-                    time.sleep(pause)
-                batch_started = time.monotonic()
-                deleted += _delete_range_postgresql(self.model, alias, now, low, low + batch_size)
-                batches += 1
-                longest = max(longest, time.monotonic() - batch_started)
-            return CleanupResult(deleted, batches, time.monotonic() - started, longest)
-        while max_batches is None or batches < max_batches:
-            if pause and batches:
-                time.sleep(pause)
-            batch_started = time.monotonic()
-            count = self._delete_batch(alias, now, batch_size)
-            deleted += count
-            batches += 1 if count else 0
-            longest = max(longest, time.monotonic() - batch_started)
-            if count < batch_size:
-                break
-        return CleanupResult(deleted, batches, time.monotonic() - started, longest)
+        return maintenance.delete_expired(
+            self,
+            batch_size=batch_size,
+            max_batches=max_batches,
+            dry_run=dry_run,
+            now=now,
+            pause=pause,
+        )
 
 
 class IdempotencyRecord(models.Model):

@@ -22,9 +22,10 @@ except ImportError:  # pragma: no cover - exercised by the tox env without Celer
 
 
 def _delete_expired_records(batch_size: int | None = None, pause: float = 0.0) -> dict[str, Any]:
-    """Delete expired records in batches (see ``IdempotencyRecordQuerySet.delete_expired``;
-    ``batch_size`` defaults to its 5,000) and return what was done: ``deleted``,
-    ``batches``, ``seconds``, ``longest_batch_seconds``."""
+    """Delete expired records in batches, then orphaned counter rows (see
+    ``IdempotencyRecordQuerySet.delete_expired``; ``batch_size`` defaults to its 5,000),
+    and return what was done: ``deleted``, ``batches``, ``seconds``,
+    ``longest_batch_seconds``, ``orphaned_counters``."""
     # Imported here: this module may be imported before the app registry is ready.
     from idempotency_django.models import DEFAULT_CLEANUP_BATCH_SIZE, IdempotencyRecord
 
@@ -36,6 +37,7 @@ def _delete_expired_records(batch_size: int | None = None, pause: float = 0.0) -
         "batches": result.batches,
         "seconds": round(result.seconds, 3),
         "longest_batch_seconds": round(result.longest_batch_seconds, 3),
+        "orphaned_counters": result.orphaned_counters,
     }
 
 

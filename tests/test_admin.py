@@ -50,6 +50,34 @@ def test_changelist_query_count_does_not_grow_with_rows(
         admin_client.get(CHANGELIST)
 
 
+def test_changelist_shows_each_rows_counters_of_its_current_lifetime(admin_client):
+    IdempotencyRecordFactory(key="counted", replay_count=3, conflict_count=1, mismatch_count=2)
+    reused = IdempotencyRecordFactory(key="reused", replay_count=5)
+    # A new lifetime of the same row: the old lifetime's counts are not its counts.
+    IdempotencyRecord.objects.filter(pk=reused.pk).update(created_at=timezone.now())
+    response = admin_client.get(CHANGELIST)
+    rows = {record.key: record for record in response.context["cl"].result_list}
+    assert (rows["counted"].counted_replays, rows["counted"].counted_conflicts) == (3, 1)
+    assert rows["counted"].counted_mismatches == 2
+    assert rows["reused"].counted_replays == 0
+    content = response.content.decode()
+    for cell in ('replays">3<', 'conflicts">1<', 'mismatches">2<', 'replays">0<'):
+        assert f'<td class="field-{cell}' in content
+
+
+def test_change_page_shows_all_four_counters(admin_client):
+    replayed_at = timezone.now() - timedelta(minutes=5)
+    record = IdempotencyRecordFactory(
+        replay_count=7, conflict_count=4, mismatch_count=9, last_replayed_at=replayed_at
+    )
+    content = admin_client.get(change_url(record)).content.decode()
+    for label, value in (("Replay count", 7), ("Conflict count", 4), ("Mismatch count", 9)):
+        assert label in content
+        assert f'<div class="readonly">{value}</div>' in content
+    assert "Last replayed at" in content
+    assert f"{replayed_at:%Y}" in content
+
+
 @pytest.mark.parametrize(
     ("query", "expected"),
     [
@@ -132,6 +160,28 @@ def test_expire_selected_action_makes_records_absent(admin_client, post):
     again = post("/payments/", {"amount": 2}, "k1")
     assert again.status_code == 201
     assert "Idempotent-Replayed" not in again.headers
+
+
+def test_expire_selected_action_leaves_an_in_flight_record_to_its_owner(admin_client, post):
+    # The owner is still running: expiring the record must not let a retry execute.
+    post("/payments/", {"amount": 1}, "busy")
+    IdempotencyRecord.objects.update(
+        state="processing", lease_expires_at=timezone.now() + timedelta(seconds=30)
+    )
+    record = IdempotencyRecord.objects.get()
+    admin_client.post(CHANGELIST, {"action": "expire_selected", "_selected_action": [record.pk]})
+    record.refresh_from_db()
+    assert record.is_expired()
+    assert post("/payments/", {"amount": 1}, "busy").status_code == 409
+    assert IdempotencyRecord.objects.delete_expired().deleted == 0
+
+
+def test_summary_counts_only_records_the_cleanup_may_delete(admin_client):
+    past = timezone.now() - timedelta(seconds=1)
+    IdempotencyRecordFactory(expires_at=past)
+    IdempotencyRecordFactory(processing=True, expires_at=past)  # lease still alive
+    response = admin_client.get(CHANGELIST)
+    assert response.context["idempotency_summary"]["expired"] == 1
 
 
 def test_delete_action_releases_the_key(admin_client):

@@ -14,9 +14,11 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.db import connections, transaction
 from django.utils import timezone
+from rest_framework.test import APIClient
 
-from idempotency_django.models import IdempotencyRecord
+from idempotency_django.models import IdempotencyCounter, IdempotencyRecord
 from tests.factories import IdempotencyRecordFactory
+from tests.testapp.models import Payment
 
 pytestmark = pytest.mark.django_db
 
@@ -63,8 +65,103 @@ def test_dry_run_counts_without_deleting():
 
 
 def test_expired_in_flight_record_of_a_dead_worker_is_deleted():
-    IdempotencyRecordFactory(processing=True, expires_at=timezone.now() - timedelta(seconds=1))
+    past = timezone.now() - timedelta(seconds=1)
+    IdempotencyRecordFactory(processing=True, expires_at=past, lease_expires_at=past)
     assert IdempotencyRecord.objects.delete_expired().deleted == 1
+
+
+def _full_run():
+    return IdempotencyRecord.objects.delete_expired().deleted
+
+
+def _one_batch():
+    return IdempotencyRecord.objects.delete_expired(max_batches=1).deleted
+
+
+def _command():
+    call_command("idempotency_cleanup", stdout=StringIO())
+
+
+def _task():
+    from idempotency_django.tasks import _delete_expired_records
+
+    return _delete_expired_records()["deleted"]
+
+
+def _probabilistic_batch():
+    from idempotency_django.storage.database import DatabaseStorage
+
+    DatabaseStorage().clean_up_batch()
+
+
+# Every way the cleanup runs: the full run (PostgreSQL's primary-key ranges), one batch (the
+# generic path), the command, the Celery task's function and CLEANUP_PROBABILITY's batch.
+CLEANUPS = pytest.mark.parametrize(
+    "clean_up",
+    [_full_run, _one_batch, _command, _task, _probabilistic_batch],
+    ids=["full-run", "one-batch", "command", "task", "probabilistic"],
+)
+
+
+@CLEANUPS
+def test_cleanup_never_deletes_an_expired_record_whose_lease_is_alive(clean_up):
+    # A per-view TTL shorter than the handler's run: expires_at has passed, the lease has not.
+    record = IdempotencyRecordFactory(
+        processing=True, expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    make_records(expired=2)
+    clean_up()
+    assert list(IdempotencyRecord.objects.values_list("pk", flat=True)) == [record.pk]
+
+
+@CLEANUPS
+def test_cleanup_never_deletes_a_record_kept_forever_even_with_its_lease_run_out(clean_up):
+    past = timezone.now() - timedelta(hours=1)
+    kept = {
+        IdempotencyRecordFactory(expires_at=None).pk,
+        IdempotencyRecordFactory(processing=True, expires_at=None, lease_expires_at=past).pk,
+    }
+    make_records(expired=1)
+    clean_up()
+    assert set(IdempotencyRecord.objects.values_list("pk", flat=True)) == kept
+
+
+def test_dry_run_does_not_count_records_whose_lease_is_alive():
+    IdempotencyRecordFactory(processing=True, expires_at=timezone.now() - timedelta(seconds=1))
+    make_records(expired=2)
+    assert IdempotencyRecord.objects.delete_expired(dry_run=True).deleted == 2
+
+
+def test_expired_and_live_split_records_by_whether_cleanup_may_delete_them():
+    past = timezone.now() - timedelta(seconds=1)
+    running = IdempotencyRecordFactory(processing=True, expires_at=past)
+    dead = IdempotencyRecordFactory(processing=True, expires_at=past, lease_expires_at=past)
+    done = IdempotencyRecordFactory(expires_at=past)
+    fresh = IdempotencyRecordFactory()
+    forever = IdempotencyRecordFactory(expires_at=None)
+    records = IdempotencyRecord.objects
+    assert set(records.expired()) == {dead, done}
+    assert set(records.live()) == {running, fresh, forever}
+
+
+@pytest.fixture
+def fast_app_clock(monkeypatch):
+    """The application server's clock runs an hour ahead of the database server's."""
+    real_now = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: real_now() + timedelta(hours=1))
+
+
+@CLEANUPS
+def test_a_fast_application_clock_does_not_make_cleanup_delete_records_early(clean_up, request):
+    # Expired by the database's clock, and not yet expired by it.
+    gone = IdempotencyRecordFactory(expires_at=timezone.now() - timedelta(seconds=5))
+    kept = IdempotencyRecordFactory(expires_at=timezone.now() + timedelta(seconds=30))
+    request.getfixturevalue("fast_app_clock")
+    clean_up()
+    assert list(IdempotencyRecord.objects.values_list("pk", flat=True)) == [kept.pk]
+    assert not IdempotencyRecord.objects.filter(pk=gone.pk).exists()
+    assert IdempotencyRecord.objects.delete_expired(dry_run=True).deleted == 0
+    assert not IdempotencyRecord.objects.expired().exists()
 
 
 def test_cleanup_command_reports_deleted_count_and_time():
@@ -208,3 +305,84 @@ def test_tasks_module_imports_without_celery():
 
     has_celery = importlib.util.find_spec("celery") is not None
     assert hasattr(tasks, "delete_expired_records") == has_celery
+
+
+def _counter(record, **counts):
+    return IdempotencyCounter.objects.create(
+        record_id=record.pk, lifetime=record.created_at, **{"replays": 1, **counts}
+    )
+
+
+def test_full_cleanup_deletes_counter_rows_of_gone_lifetimes_in_batches():
+    past = timezone.now() - timedelta(minutes=1)
+    live = IdempotencyRecordFactory(replay_count=2)
+    reused = IdempotencyRecordFactory(replay_count=1)
+    # The row was reused for a new lifetime: the old lifetime's counts are orphans.
+    IdempotencyRecord.objects.filter(pk=reused.pk).update(created_at=timezone.now())
+    expired = [IdempotencyRecordFactory(expires_at=past, replay_count=1) for _ in range(3)]
+    deleted = IdempotencyRecordFactory(mismatch_count=1)
+    IdempotencyRecord.objects.filter(pk=deleted.pk).delete()
+    result = IdempotencyRecord.objects.delete_expired(batch_size=2)
+    assert result.deleted == len(expired)
+    assert result.orphaned_counters == 5
+    assert list(IdempotencyCounter.objects.values_list("record_id", flat=True)) == [live.pk]
+    assert IdempotencyRecord.objects.get(pk=live.pk).replay_count == 2
+
+
+def test_orphaned_counters_are_deleted_in_batches_of_batch_size():
+    from idempotency_django import maintenance
+
+    records = [IdempotencyRecordFactory(replay_count=1) for _ in range(5)]
+    IdempotencyRecord.objects.filter(pk__in=[r.pk for r in records[:4]]).delete()
+    result = maintenance.delete_orphaned_counters("default", batch_size=2)
+    # Ids 1-2 and 3-4 of the five counter rows hold the orphans: two batches of two.
+    assert (result.deleted, result.batches) == (4, 2)
+    assert IdempotencyCounter.objects.get().record_id == records[4].pk
+
+
+def test_dry_run_counts_orphaned_counters_without_deleting_them():
+    record = IdempotencyRecordFactory(replay_count=1)
+    IdempotencyRecord.objects.filter(pk=record.pk).delete()
+    result = IdempotencyRecord.objects.delete_expired(dry_run=True)
+    assert result.orphaned_counters == 1
+    assert IdempotencyCounter.objects.count() == 1
+
+
+def test_one_batch_cleanup_leaves_counters_to_the_full_run():
+    record = IdempotencyRecordFactory(replay_count=1)
+    IdempotencyRecord.objects.filter(pk=record.pk).delete()
+    IdempotencyRecord.objects.delete_expired(max_batches=1)
+    assert IdempotencyCounter.objects.count() == 1
+
+
+@pytest.mark.requires_server_db
+@pytest.mark.django_db(transaction=True)
+def test_cleanup_during_a_slow_request_past_its_view_ttl_leaves_the_key_in_flight(post):
+    # /short-ttl/ keeps records 1 s; the original runs 3 s. Every cleanup runs while it is
+    # in flight, past its expires_at: none may free the key for a retry to execute again.
+    body = {"reference": "slow", "amount": 1, "sleep": 3}
+    answers = {}
+
+    def original():
+        try:
+            answers["original"] = post("/short-ttl/", body, "slow-key", via=APIClient())
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=original)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not IdempotencyRecord.objects.filter(key="slow-key").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.3)  # past the record's expires_at
+        assert IdempotencyRecord.objects.get(key="slow-key").is_expired()
+        for clean_up in (_full_run, _one_batch, _command, _task, _probabilistic_batch):
+            clean_up()
+        retry = post("/short-ttl/", body, "slow-key", via=APIClient())
+    finally:
+        thread.join()
+    assert retry.status_code == 409
+    assert answers["original"].status_code == 201
+    assert Payment.objects.filter(reference="slow").count() == 1

@@ -9,9 +9,19 @@ import pytest
 from django.core.checks import Error, Warning
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
+from django.test import override_settings
+from django.urls import include, path
+from django.views.decorators.csrf import csrf_exempt
+from rest_framework import viewsets
+from rest_framework.decorators import action, api_view
+from rest_framework.response import Response
+from rest_framework.routers import SimpleRouter
+from rest_framework.views import APIView
 
 from idempotency_django.checks import check_settings
 from idempotency_django.conf import DEFAULTS, idempotency_settings
+from idempotency_django.decorators import idempotent
+from idempotency_django.mixins import IdempotentMixin
 from idempotency_django.models import IdempotencyRecord
 from tests.factories import IdempotencyRecordFactory
 
@@ -126,9 +136,146 @@ def test_w001_sqlite_warns_about_concurrency(settings):
 
 def test_w002_ttl_not_longer_than_processing_timeout(settings):
     settings.IDEMPOTENCY = {"TTL": 30, "PROCESSING_TIMEOUT": 60}
+    settings.ROOT_URLCONF = JoinedURLConf  # no view of its own with a short TTL
     messages = [m for m in check_settings() if m.id == "idempotency_django.W002"]
     assert len(messages) == 1
     assert isinstance(messages[0], Warning)
+
+
+class ShortTTLView(IdempotentMixin, APIView):
+    idempotency_ttl = 30
+
+    def post(self, request):
+        return Response(status=201)
+
+
+class SettingTTLView(IdempotentMixin, APIView):
+    def post(self, request):
+        return Response(status=201)
+
+
+class LongTTLView(IdempotentMixin, APIView):
+    idempotency_ttl = timedelta(hours=1)
+    idempotency_using = ["other"]
+
+    def post(self, request):
+        return Response(status=201)
+
+
+@api_view(["POST"])
+@idempotent(ttl=10)
+def short_function(request):
+    return Response(status=201)
+
+
+@idempotent(ttl=timedelta(seconds=5))
+def short_plain(request):
+    return Response(status=201)
+
+
+@idempotent(ttl=None)
+def forever_plain(request):
+    return Response(status=201)
+
+
+class ActionViewSet(viewsets.ViewSet):
+    @action(detail=False, methods=["post"])
+    @idempotent(ttl=20)
+    def short_action(self, request):
+        return Response(status=201)
+
+
+router = SimpleRouter()
+router.register("actions", ActionViewSet, basename="actions")
+
+# The URLconf of the per-view checks: every kind of view, some behind nested include()s.
+urlpatterns = [
+    path("short/", ShortTTLView.as_view()),
+    path("setting/", SettingTTLView.as_view()),
+    path("long/", LongTTLView.as_view()),
+    path("function/", short_function),
+    path(
+        "nested/",
+        include(
+            [
+                path("deeper/", include([path("plain/", csrf_exempt(short_plain))])),
+                path("forever/", forever_plain),
+            ]
+        ),
+    ),
+    path("", include(router.urls)),
+]
+
+
+def _named(messages, check_id):
+    return sorted(m.msg.split(":")[0] for m in messages if m.id == check_id)
+
+
+def test_w002_names_each_view_whose_own_ttl_is_not_longer_than_processing_timeout(settings):
+    settings.ROOT_URLCONF = __name__
+    settings.IDEMPOTENCY = {"PROCESSING_TIMEOUT": 60}
+    messages = check_settings()
+    assert _named(messages, "idempotency_django.W002") == [
+        f"{__name__}.ActionViewSet.short_action",
+        f"{__name__}.ShortTTLView",
+        f"{__name__}.short_function",
+        f"{__name__}.short_plain",
+    ]
+    warning = next(m for m in messages if m.msg.startswith(f"{__name__}.ShortTTLView"))
+    assert isinstance(warning, Warning)
+    assert "30 s" in warning.msg
+    assert "60 s" in warning.msg
+    assert warning.hint
+
+
+def test_w002_is_quiet_when_every_view_ttl_is_longer_than_processing_timeout(settings):
+    settings.ROOT_URLCONF = __name__
+    settings.IDEMPOTENCY = {"PROCESSING_TIMEOUT": 2}
+    assert _named(check_settings(), "idempotency_django.W002") == []
+
+
+class RouteToOther:
+    """Writes of the test app's models and of ``routed_labels`` go to the alias "other"."""
+
+    routed_labels = {"testapp"}
+
+    def db_for_write(self, model, **hints):
+        return "other" if model._meta.app_label in self.routed_labels else None
+
+
+class RouteFrameworkToOther(RouteToOther):
+    routed_labels = {"sessions", "admin", "contenttypes"}
+
+
+def test_w003_models_routed_to_another_database_than_the_records():
+    with override_settings(DATABASE_ROUTERS=[f"{__name__}.RouteToOther"]):
+        messages = [m for m in check_settings() if m.id == "idempotency_django.W003"]
+    assert len(messages) == 1
+    assert isinstance(messages[0], Warning)
+    assert "testapp.Payment" in messages[0].msg
+    assert "'other'" in messages[0].msg
+    assert "idempotency_using = ['other']" in messages[0].hint
+    assert "@idempotent(using=['other'])" in messages[0].hint
+    assert "tests.testapp.views.PaymentViewSet" in messages[0].hint
+
+
+def test_w003_is_quiet_without_routers_or_for_djangos_own_framework_models():
+    assert "idempotency_django.W003" not in _ids(check_settings())
+    with override_settings(DATABASE_ROUTERS=[f"{__name__}.RouteFrameworkToOther"]):
+        assert "idempotency_django.W003" not in _ids(check_settings())
+
+
+class JoinedURLConf:
+    """A URLconf whose only idempotent view lists "other" in ``idempotency_using``."""
+
+    urlpatterns = [path("long/", LongTTLView.as_view())]
+
+
+def test_w003_is_quiet_when_every_idempotent_view_joins_that_database():
+    with override_settings(
+        ROOT_URLCONF=JoinedURLConf, DATABASE_ROUTERS=[f"{__name__}.RouteToOther"]
+    ):
+        assert "idempotency_django.W003" not in _ids(check_settings())
 
 
 @pytest.mark.django_db

@@ -122,6 +122,16 @@ def test_stats_command_json():
     assert (stats["table_bytes"] is not None) == (connection.vendor == "postgresql")
 
 
+def test_stats_count_as_expired_only_records_the_cleanup_may_delete():
+    past = timezone.now() - timedelta(seconds=1)
+    IdempotencyRecordFactory(expires_at=past)
+    IdempotencyRecordFactory(processing=True, expires_at=past)  # its lease is still alive
+    out = StringIO()
+    call_command("idempotency_stats", "--json", stdout=out)
+    assert json.loads(out.getvalue())["expired_not_deleted"] == 1
+    assert IdempotencyRecord.objects.delete_expired().deleted == 1
+
+
 def test_stats_command_text_on_an_empty_table():
     out = StringIO()
     call_command("idempotency_stats", stdout=out)

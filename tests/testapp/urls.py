@@ -25,4 +25,12 @@ urlpatterns = [
     path("forever/", views.ForeverView.as_view()),
     path("function/", views.function_payment),
     path("plain/", csrf_exempt(views.plain_payment)),
+    path("short-ttl/", views.ShortTTLView.as_view()),
+]
+
+urlpatterns += [
+    path("plain-raises/", csrf_exempt(views.plain_raises)),
+    path("plain-deep/", csrf_exempt(views.plain_deep_body)),
+    path("deep/", views.DeepBodyView.as_view()),
+    path("principal/", views.PrincipalView.as_view()),
 ]

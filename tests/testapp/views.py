@@ -243,3 +243,99 @@ def plain_payment(request: HttpRequest) -> HttpResponse:
     data = json.loads(request.body or b"{}")
     code, body = _act(data, request.user)
     return _with_headers(JsonResponse(body, status=code), body.get("id"))
+
+
+class ShortTTLView(IdempotentMixin, APIView):
+    """Keeps records one second: shorter than a slow handler's run (tests/test_cleanup.py)."""
+
+    idempotency_ttl = 1
+
+    def post(self, request: Request) -> Response:
+        code, body = _act(request.data, request.user)
+        return Response(body, status=code)
+
+
+# Imports for the views appended below (this module is appended to by several changes).
+from django.contrib.auth.models import Group  # noqa: E402
+from django.core.exceptions import (  # noqa: E402
+    BadRequest,
+    DisallowedHost,
+    PermissionDenied,
+    SuspiciousOperation,
+)
+from django.http import Http404  # noqa: E402
+from rest_framework.authentication import (  # noqa: E402
+    BaseAuthentication,
+    SessionAuthentication,
+)
+
+# Plain Django views that raise Django's 4xx exceptions, after writing a payment
+# (tests/test_plain_views.py).
+PLAIN_RAISES = {
+    "http404": lambda: Http404("no such payment"),
+    "permission_denied": lambda: PermissionDenied("not yours"),
+    "bad_request": lambda: BadRequest("malformed"),
+    "suspicious": lambda: SuspiciousOperation("tampered"),
+    "disallowed_host": lambda: DisallowedHost("evil.example"),
+}
+
+
+@idempotent
+def plain_raises(request: HttpRequest) -> HttpResponse:
+    data = json.loads(request.body or b"{}")
+    Payment.objects.create(reference=str(data.get("reference", "")), amount=1)
+    raise PLAIN_RAISES[str(data["raise"])]()
+
+
+@idempotent
+def plain_deep_body(request: HttpRequest) -> HttpResponse:
+    """Writes a payment, then answers 400 itself for a body it cannot parse."""
+    payment = Payment.objects.create(reference="deep", amount=len(request.body))
+    try:
+        json.loads(request.body)
+    except (ValueError, RecursionError):
+        return JsonResponse({"detail": "unreadable body", "payment": payment.pk}, status=400)
+    return JsonResponse({"payment": payment.pk}, status=201)
+
+
+class DeepBodyView(IdempotentMixin, APIView):
+    """Stores the body's size without parsing it (DRF's parser cannot read any depth)."""
+
+    def post(self, request: Request) -> Response:
+        payment = Payment.objects.create(reference="deep", amount=len(request.body))
+        return Response({"payment": payment.pk, "size": payment.amount}, status=201)
+
+
+class ServicePrincipal:
+    """A principal that is no model instance (as a token-only user)."""
+
+    is_authenticated = True
+
+    def __init__(self, pk: int) -> None:
+        self.pk = pk
+
+
+class PrincipalAuthentication(BaseAuthentication):
+    """``X-Principal: client <pk>`` authenticates as an API client, here a ``Group`` row
+    standing in for an API-client model; ``X-Principal: service <pk>`` as a
+    :class:`ServicePrincipal`. Either may share its primary key with a ``User``."""
+
+    def authenticate(self, request: Request) -> tuple[Any, None] | None:
+        kind, _, pk = request.META.get("HTTP_X_PRINCIPAL", "").partition(" ")
+        if kind == "client":
+            client = Group.objects.get(pk=int(pk))
+            client.is_authenticated = True  # type: ignore[attr-defined]
+            return client, None
+        if kind == "service":
+            return ServicePrincipal(int(pk)), None
+        return None
+
+
+class PrincipalView(IdempotentMixin, APIView):
+    authentication_classes = [PrincipalAuthentication, SessionAuthentication]
+    permission_classes = [IsAuthenticated]
+
+    def post(self, request: Request) -> Response:
+        principal = f"{type(request.user).__name__}:{request.user.pk}"
+        payment = Payment.objects.create(reference="principal", amount=1, created_by=principal)
+        return Response({"payment": payment.pk, "principal": principal}, status=201)

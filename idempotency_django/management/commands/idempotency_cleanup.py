@@ -13,7 +13,8 @@ from idempotency_django.models import DEFAULT_CLEANUP_BATCH_SIZE, IdempotencyRec
 class Command(BaseCommand):
     help = (
         "Delete expired idempotency records in batches, skipping rows that in-flight requests "
-        "hold. Records kept forever (TTL=None) and live records are never deleted."
+        "hold, then counter rows of record lifetimes that are gone. Records kept forever "
+        "(TTL=None), live records and records in flight under a live lease are never deleted."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -51,12 +52,18 @@ class Command(BaseCommand):
             raise CommandError(
                 f"Cleanup failed: database {alias!r} is unavailable: {error}"
             ) from error
+        counters = (
+            f" and {result.orphaned_counters} orphaned counter row(s)"
+            if result.orphaned_counters
+            else ""
+        )
         if options["dry_run"]:
-            self.stdout.write(f"{result.deleted} expired record(s) would be deleted.")
+            self.stdout.write(f"{result.deleted} expired record(s){counters} would be deleted.")
             return
         self.stdout.write(
             self.style.SUCCESS(
-                f"Deleted {result.deleted} expired record(s) in {result.batches} batch(es) "
-                f"in {result.seconds:.2f}s (longest batch {result.longest_batch_seconds:.3f}s)."
+                f"Deleted {result.deleted} expired record(s){counters} in {result.batches} "
+                f"batch(es) in {result.seconds:.2f}s "
+                f"(longest batch {result.longest_batch_seconds:.3f}s)."
             )
         )

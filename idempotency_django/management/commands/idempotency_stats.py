@@ -6,48 +6,12 @@ import json
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, router
-from django.db.models import Count, Min, Sum
-from django.utils import timezone
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, router
 
-from idempotency_django.models import IdempotencyCounter, IdempotencyRecord
+from idempotency_django.maintenance import collect
+from idempotency_django.models import IdempotencyRecord
 
-
-def collect(alias: str) -> dict[str, Any]:
-    """The figures shown by the command, as a JSON-ready dict."""
-    now = timezone.now()
-    records = IdempotencyRecord.objects.using(alias)
-    by_state = dict(
-        records.order_by().values_list("state").annotate(n=Count("pk")).values_list("state", "n")
-    )
-    totals = IdempotencyCounter.objects.using(alias).aggregate(
-        replays=Sum("replays"), conflicts=Sum("conflicts"), mismatches=Sum("mismatches")
-    )
-    replays = totals["replays"] or 0
-    executions = by_state.get(IdempotencyRecord.State.COMPLETED, 0)
-    expired = records.expired(now).aggregate(n=Count("pk"), oldest=Min("expires_at"))
-    return {
-        "records": sum(by_state.values()),
-        "by_state": {state: by_state.get(state, 0) for state in IdempotencyRecord.State.values},
-        "replays": replays,
-        # Of all answers served from completed records, the share that were replays.
-        "replay_rate": round(replays / (executions + replays), 4) if executions + replays else 0.0,
-        "conflicts_409": totals["conflicts"] or 0,
-        "mismatches_422": totals["mismatches"] or 0,
-        "expired_not_deleted": expired["n"],
-        "oldest_expired_at": expired["oldest"].isoformat() if expired["oldest"] else None,
-        "table_bytes": _table_bytes(alias),
-    }
-
-
-def _table_bytes(alias: str) -> int | None:
-    connection = connections[alias]
-    if connection.vendor != "postgresql":
-        return None
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_total_relation_size(%s)", [IdempotencyRecord._meta.db_table])
-        row = cursor.fetchone()
-    return int(row[0]) if row else None
+__all__ = ["Command", "collect"]
 
 
 class Command(BaseCommand):

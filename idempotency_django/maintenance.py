@@ -1,0 +1,325 @@
+"""Cleanup, stats and the admin's expire action. The queryset methods, the command
+``idempotency_cleanup``, the Celery task, ``CLEANUP_PROBABILITY``, ``idempotency_stats`` and
+the admin all go through here, so they cannot disagree about which records are expired.
+
+A record is deleted once its ``expires_at`` has passed and no request holds it (completed, or
+its lease ran out), never while its lease is alive, even past a per-view TTL shorter than its
+handler's run: a retry would execute while the original still runs. ``TTL=None`` records are
+never deleted. Time is the database server's clock: a fast application clock deletes nothing
+early.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+from django.db import OperationalError, connections, models, transaction
+from django.db.models import Count, Exists, Max, Min, OuterRef, Q, QuerySet, Sum
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+    from django.db.models.sql.compiler import SQLCompiler
+
+# Rows per cleanup batch unless told otherwise (the command, the Celery task and the queryset
+# share it). On PostgreSQL a batch of 5,000 rows writes about 1.7 MB of WAL right after a
+# checkpoint (full-page images), a few milliseconds of flushing: small enough that live
+# requests committing meanwhile are not held up, large enough that the per-batch round trip
+# costs little (docs/benchmarks.md).
+DEFAULT_CLEANUP_BATCH_SIZE = 5000
+
+# PostgreSQL cleanup first deletes each range without locking rows first, waiting at most this
+# long for a row an in-flight request holds; on a timeout the range is redone with SKIP LOCKED.
+CLEANUP_LOCK_TIMEOUT = "20ms"
+
+
+@dataclass(frozen=True)
+class CleanupResult:
+    """What :meth:`IdempotencyRecordQuerySet.delete_expired` did (or, with ``dry_run``,
+    would do). ``orphaned_counters``: counter rows of record lifetimes that are gone."""
+
+    deleted: int
+    batches: int
+    seconds: float
+    longest_batch_seconds: float
+    orphaned_counters: int = 0
+
+
+def _now_sql(connection: BaseDatabaseWrapper) -> tuple[str, list[str]]:
+    """The database server's current time, comparable with the datetimes Django stores."""
+    if connection.vendor == "postgresql":
+        return "STATEMENT_TIMESTAMP()", []
+    if connection.vendor == "mysql":
+        # Django stores naive datetimes in the connection's time zone (UTC with USE_TZ unless
+        # DATABASES[...]["TIME_ZONE"] says otherwise); CURRENT_TIMESTAMP would answer in the
+        # session's. Without time zone tables CONVERT_TZ gives NULL: then nothing matches.
+        if connection.timezone_name == "UTC":
+            return "UTC_TIMESTAMP(6)", []
+        return "CONVERT_TZ(UTC_TIMESTAMP(6), 'UTC', %s)", [connection.timezone_name]
+    if connection.vendor == "sqlite":
+        # SQLite stores text; with USE_TZ it is UTC, which 'now' is.
+        local = "" if settings.USE_TZ else ", 'localtime'"
+        return f"STRFTIME('%%Y-%%m-%%d %%H:%%M:%%f', 'now'{local})", []
+    return "CURRENT_TIMESTAMP", []
+
+
+class DatabaseNow(models.Expression):
+    """The database server's ``now`` (as ``Now()``, but right whatever MySQL's time zone)."""
+
+    output_field = models.DateTimeField()
+
+    def as_sql(
+        self, compiler: SQLCompiler, connection: BaseDatabaseWrapper
+    ) -> tuple[str, tuple[str, ...]]:
+        sql, params = _now_sql(connection)
+        return sql, tuple(params)
+
+
+def deletable(now: datetime | None = None) -> Q:
+    """Records the cleanup may delete at ``now`` (default: the database's clock)."""
+    from idempotency_django.models import IdempotencyRecord
+
+    at: Any = DatabaseNow() if now is None else now
+    return Q(expires_at__lte=at) & (
+        Q(state=IdempotencyRecord.State.COMPLETED)
+        | Q(lease_expires_at__isnull=True)
+        | Q(lease_expires_at__lte=at)
+    )
+
+
+def kept(now: datetime | None = None) -> Q:
+    """Exactly the records :func:`deletable` leaves."""
+    from idempotency_django.models import IdempotencyRecord
+
+    at: Any = DatabaseNow() if now is None else now
+    return (
+        Q(expires_at__isnull=True)
+        | Q(expires_at__gt=at)
+        | (~Q(state=IdempotencyRecord.State.COMPLETED) & Q(lease_expires_at__gt=at))
+    )
+
+
+def delete_expired(
+    queryset: QuerySet[Any],
+    *,
+    batch_size: int = DEFAULT_CLEANUP_BATCH_SIZE,
+    max_batches: int | None = None,
+    dry_run: bool = False,
+    now: datetime | None = None,
+    pause: float = 0.0,
+) -> CleanupResult:
+    """:meth:`IdempotencyRecordQuerySet.delete_expired`; a full run (no ``max_batches``,
+    unfiltered) then deletes orphaned counter rows. ``batches``: those that deleted records."""
+    alias = queryset.db
+    started = time.monotonic()
+    full_run = not queryset.query.where and not max_batches
+    if dry_run:
+        count = queryset.filter(deletable(now)).count()
+        orphans = _orphaned_counters(alias).count() if full_run else 0
+        return CleanupResult(count, 0, time.monotonic() - started, 0.0, orphans)
+    if connections[alias].vendor == "postgresql" and full_run:
+        # A full run on PostgreSQL walks primary-key ranges (see _delete_range_postgresql).
+        model = queryset.model
+        bounds = _id_bounds(model._base_manager.using(alias).filter(deletable(now)))
+        deleted, batches, longest = _run_batches(
+            lambda low: _delete_range_postgresql(model, alias, now, low, low + batch_size),
+            range(bounds[0], bounds[1] + 1, batch_size) if bounds else (),
+            pause,
+        )
+    else:
+        deleted, batches, longest = _run_batches(
+            lambda _: _delete_batch(queryset, alias, now, batch_size),
+            range(max_batches) if max_batches else itertools.count(),
+            pause,
+            until_fewer_than=batch_size,
+        )
+    orphans = 0
+    if full_run:
+        orphaned = delete_orphaned_counters(alias, batch_size=batch_size, pause=pause)
+        orphans, longest = orphaned.deleted, max(longest, orphaned.longest_batch_seconds)
+    return CleanupResult(deleted, batches, time.monotonic() - started, longest, orphans)
+
+
+def _run_batches(
+    batch: Callable[[int], int],
+    arguments: Iterable[int],
+    pause: float,
+    *,
+    until_fewer_than: int | None = None,
+) -> tuple[int, int, float]:
+    """Rows deleted, batches that deleted any and the longest's seconds, calling ``batch``
+    per argument (``pause`` in between) until one deletes fewer than ``until_fewer_than``."""
+    deleted = batches = 0
+    longest = 0.0
+    for number, argument in enumerate(arguments):
+        if pause and number:
+            time.sleep(pause)
+        started = time.monotonic()
+        rows = batch(argument)
+        longest = max(longest, time.monotonic() - started)
+        deleted += rows
+        batches += 1 if rows else 0
+        if until_fewer_than is not None and rows < until_fewer_than:
+            break
+    return deleted, batches, longest
+
+
+def _id_bounds(queryset: QuerySet[Any]) -> tuple[int, int] | None:
+    """The lowest and highest pk in ``queryset`` (index scans stopping at the first match)."""
+    low = queryset.order_by("pk").values_list("pk", flat=True).first()
+    high = queryset.order_by("-pk").values_list("pk", flat=True).first()
+    return None if low is None or high is None else (int(low), int(high))
+
+
+def _delete_batch(queryset: QuerySet[Any], alias: str, now: datetime | None, size: int) -> int:
+    """One short transaction on any backend: select ids (``FOR UPDATE SKIP LOCKED`` where
+    supported: rows in-flight requests hold are left for later), then delete them."""
+    with transaction.atomic(using=alias):
+        candidates = queryset.filter(deletable(now)).order_by().values_list("pk", flat=True)
+        if connections[alias].features.has_select_for_update_skip_locked:
+            candidates = candidates.select_for_update(skip_locked=True)
+        ids = list(candidates[:size])
+        if not ids:
+            return 0
+        # Re-checking in the DELETE keeps a row that was reused between the two statements
+        # (only possible where no row lock was taken).
+        records = queryset.model._base_manager.using(alias)
+        count, _ = records.filter(deletable(now), pk__in=ids).delete()
+        return int(count)
+
+
+def _delete_range_postgresql(
+    model: Any, alias: str, now: datetime | None, low: int, high: int
+) -> int:
+    """Delete the deletable rows with ``low <= pk < high`` in one statement: nearly as fast
+    per row as one big ``DELETE`` (no ``LIMIT`` subquery, no row-by-row lookups).
+
+    Expired rows are almost never locked (only while a request reuses one), so outside a
+    transaction the range is first deleted under ``lock_timeout = CLEANUP_LOCK_TIMEOUT``, set
+    by the statement itself with ``set_config(..., true)`` for its own transaction only (no
+    session state is left: safe behind PgBouncer's transaction pooling). If it meets a row an
+    in-flight request holds, the range is redone selecting ``FOR UPDATE SKIP LOCKED``. Inside
+    a caller's transaction only the ``SKIP LOCKED`` form is used, so the caller's own
+    ``lock_timeout`` is never changed. Each batch commits synchronously on purpose: with
+    ``synchronous_commit = off`` the next live request to commit would flush its WAL.
+    """
+    connection = connections[alias]
+    quote = connection.ops.quote_name
+    column = {
+        name: quote(model._meta.get_field(name).column)
+        for name in ("id", "expires_at", "state", "lease_expires_at")
+    }
+    at, at_params = ("%s", [now]) if now is not None else _now_sql(connection)
+    where = (
+        f"{column['id']} >= %s AND {column['id']} < %s AND {column['expires_at']} <= {at}"
+        f" AND ({column['state']} = %s OR {column['lease_expires_at']} IS NULL"
+        f" OR {column['lease_expires_at']} <= {at})"
+    )
+    params = [low, high, *at_params, model.State.COMPLETED.value, *at_params]
+    table = quote(model._meta.db_table)
+    with connection.cursor() as cursor:
+        if connection.get_autocommit() and not connection.in_atomic_block:
+            try:
+                # Autocommit: the statement is its own transaction, one round trip.
+                cursor.execute(
+                    f"DELETE FROM {table} USING"
+                    " (SELECT set_config('lock_timeout', %s, true)) AS cleanup_settings"
+                    f" WHERE {where}",
+                    [CLEANUP_LOCK_TIMEOUT, *params],
+                )
+                return int(cursor.rowcount)
+            except OperationalError as error:
+                if getattr(error.__cause__, "sqlstate", None) != "55P03":  # lock_not_available
+                    raise
+        cursor.execute(
+            f"DELETE FROM {table} WHERE ctid = ANY(ARRAY("
+            f"SELECT ctid FROM {table} WHERE {where} FOR UPDATE SKIP LOCKED))",
+            params,
+        )
+        return int(cursor.rowcount)
+
+
+def _orphaned_counters(alias: str) -> QuerySet[Any]:
+    """Counter rows whose record lifetime (``record_id``, ``lifetime``) no longer exists."""
+    from idempotency_django.models import IdempotencyCounter, IdempotencyRecord
+
+    lifetimes = IdempotencyRecord._base_manager.using(alias).filter(
+        pk=OuterRef("record_id"), created_at=OuterRef("lifetime")
+    )
+    return IdempotencyCounter._base_manager.using(alias).filter(~Exists(lifetimes))
+
+
+def delete_orphaned_counters(
+    alias: str, *, batch_size: int = DEFAULT_CLEANUP_BATCH_SIZE, pause: float = 0.0
+) -> CleanupResult:
+    """Delete counter rows of record lifetimes that are gone (record deleted, or its row
+    reused for a new lifetime), ``batch_size`` counter ids at a time: a plain read of the
+    orphans' ids, then a ``DELETE`` of those ids. The read takes no locks (a ``DELETE`` with
+    the anti-join would share-lock record rows on MariaDB/MySQL, holding up their owners) and
+    needs no re-check: a lifetime that is gone never comes back."""
+    started = time.monotonic()
+    orphaned = _orphaned_counters(alias)
+    counters = orphaned.model._base_manager.using(alias)
+    bounds = counters.aggregate(low=Min("pk"), high=Max("pk"))
+
+    def batch(low: int) -> int:
+        ids = list(
+            orphaned.filter(pk__gte=low, pk__lt=low + batch_size).values_list("pk", flat=True)
+        )
+        return int(counters.filter(pk__in=ids).delete()[0]) if ids else 0
+
+    lows = range(bounds["low"], bounds["high"] + 1, batch_size) if bounds["low"] is not None else ()
+    deleted, batches, longest = _run_batches(batch, lows, pause)
+    return CleanupResult(deleted, batches, time.monotonic() - started, longest)
+
+
+def expire(queryset: QuerySet[Any]) -> int:
+    """The admin's *Expire selected records*: they behave as absent from now on (by the
+    database's clock), so the next request with their key executes; one in flight keeps its
+    lease (409 until it ends). Returns how many changed (not those already expired)."""
+    now = DatabaseNow()
+    changed = queryset.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+    return int(changed.update(expires_at=now))
+
+
+def collect(alias: str) -> dict[str, Any]:
+    """The figures ``idempotency_stats`` shows, as a JSON-ready dict."""
+    from idempotency_django.models import IdempotencyCounter, IdempotencyRecord
+
+    records = IdempotencyRecord.objects.using(alias)
+    by_state = dict(
+        records.order_by().values_list("state").annotate(n=Count("pk")).values_list("state", "n")
+    )
+    totals = IdempotencyCounter.objects.using(alias).aggregate(
+        replays=Sum("replays"), conflicts=Sum("conflicts"), mismatches=Sum("mismatches")
+    )
+    replays = totals["replays"] or 0
+    executions = by_state.get(IdempotencyRecord.State.COMPLETED, 0)
+    expired = records.expired().aggregate(n=Count("pk"), oldest=Min("expires_at"))
+    return {
+        "records": sum(by_state.values()),
+        "by_state": {state: by_state.get(state, 0) for state in IdempotencyRecord.State.values},
+        "replays": replays,
+        # Of all answers served from completed records, the share that were replays.
+        "replay_rate": round(replays / (executions + replays), 4) if executions + replays else 0.0,
+        "conflicts_409": totals["conflicts"] or 0,
+        "mismatches_422": totals["mismatches"] or 0,
+        "expired_not_deleted": expired["n"],
+        "oldest_expired_at": expired["oldest"].isoformat() if expired["oldest"] else None,
+        "table_bytes": _table_bytes(alias, IdempotencyRecord._meta.db_table),
+    }
+
+
+def _table_bytes(alias: str, table: str) -> int | None:
+    connection = connections[alias]
+    if connection.vendor != "postgresql":
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_total_relation_size(%s)", [table])
+        row = cursor.fetchone()
+    return int(row[0]) if row else None
