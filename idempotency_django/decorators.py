@@ -13,7 +13,7 @@ from django.http import HttpRequest, HttpResponseBase
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
-from idempotency_django import drf
+from idempotency_django import drf, http
 from idempotency_django.execution import USE_SETTING, Options, run
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -59,9 +59,7 @@ def idempotent(
     ``using`` lists further database aliases the view writes to, joined into its
     transaction (see :class:`~idempotency_django.mixins.IdempotentMixin`).
     """
-    options = Options(
-        methods=methods, required=required, ttl=ttl, conflict=conflict, using=using
-    )
+    options = Options(methods=methods, required=required, ttl=ttl, conflict=conflict, using=using)
 
     def decorate(view_func: F) -> F:
         view_class = getattr(view_func, "cls", None) or getattr(view_func, "view_class", None)
@@ -90,7 +88,7 @@ def idempotent(
 
                     call = drf.handler_call(view, request, handler, args[position + 1 :], kwargs)
                     return run(request, call, options)
-            return run(request, lambda: view_func(*args, **kwargs), options)
+            return run(request, _plain_call(request, view_func, args, kwargs), options)
 
         wrapper.idempotency_wrapped = True  # type: ignore[attr-defined]
         wrapper.idempotency_options = options  # type: ignore[attr-defined]
@@ -99,6 +97,22 @@ def idempotent(
     if func is not None:
         return decorate(func)
     return decorate
+
+
+def _plain_call(
+    request: HttpRequest, view_func: Callable[..., Any], args: Any, kwargs: Any
+) -> Callable[[], HttpResponseBase]:
+    """A zero-argument callable running a plain Django view, with the exceptions in
+    ``http.CLIENT_ERRORS`` turned into the response Django would send (the project's
+    ``handler404``/``handler403``/``handler400``) inside the idempotency transaction."""
+
+    def call() -> HttpResponseBase:
+        try:
+            return view_func(*args, **kwargs)  # type: ignore[no-any-return]
+        except http.CLIENT_ERRORS as exc:
+            return http.client_error_response(request, exc)
+
+    return call
 
 
 def _find_request(args: tuple[Any, ...]) -> tuple[int, Any]:

@@ -10,6 +10,8 @@ from django.http import HttpResponseBase
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
+from idempotency_django import http
+
 
 def handler_call(
     view: APIView, request: Request, handler: Callable[..., Any], args: Any, kwargs: Any
@@ -25,7 +27,12 @@ def handler_call(
         try:
             response = handler(request, *args, **kwargs)
         except Exception as exc:
-            response = view.handle_exception(exc)
+            try:
+                response = view.handle_exception(exc)
+            except http.CLIENT_ERRORS as unhandled:
+                # DRF re-raises Django's BadRequest and SuspiciousOperation: answer them as
+                # Django would, a 4xx stored and replayed like DRF's own.
+                response = http.client_error_response(request._request, unhandled)
         return view.finalize_response(request, response, *args, **kwargs)
 
     return call

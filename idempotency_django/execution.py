@@ -97,7 +97,7 @@ def _parsed_body_digest(request: Any, raw: HttpRequest) -> bytes:
                 upload.seek(0)
     else:
         data = getattr(request, "data", None)
-        digest.update(json.dumps(data, sort_keys=True, default=str).encode())
+        digest.update(http.canonical_json(data, separators=(", ", ": "), default=str))
     return b"parsed:" + digest.hexdigest().encode()
 
 

@@ -5,15 +5,35 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+from collections.abc import Callable
 from datetime import timedelta
+from itertools import accumulate
+from json.encoder import encode_basestring_ascii
+from typing import Any
 
 import http_sf
-from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+from django.core.exceptions import BadRequest, PermissionDenied, SuspiciousOperation
+from django.core.handlers.exception import response_for_exception
+from django.db import connections, transaction
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBase,
+    StreamingHttpResponse,
+)
 
 from idempotency_django.conf import idempotency_settings
 from idempotency_django.storage.base import StoredResponse
 
 MAX_SCOPE_LENGTH = 255
+
+# A JSON body nested deeper than this is fingerprinted byte for byte, not canonicalised.
+# Python's parser recurses once per level, so the depth at which it gives up depends on the
+# interpreter and on the call stack; the same bytes must always give the same fingerprint.
+# serde_json's default recursion limit is the same.
+MAX_JSON_DEPTH = 128
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "https://idempotency-django.readthedocs.io/en/latest/semantics/#"
@@ -180,17 +200,133 @@ def _repeat_or_malformed(header: str, value: str) -> str:
     return f"The {header} header is not a valid structured-field string."
 
 
+# A JSON string (RFC 8259 section 7), unrolled so that long strings match in linear time.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_NESTING = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def _nests_deeper_than(text: str, limit: int) -> bool:
+    """Whether the JSON ``text`` opens more than ``limit`` arrays or objects inside each
+    other, brackets inside strings aside (text that is no JSON fails to parse anyway)."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(accumulate(map(_NESTING.__getitem__, brackets)), default=0) > limit
+
+
 def _canonical_body(content_type: str, body: bytes) -> bytes:
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type == "application/json" or media_type.endswith("+json"):
         try:
-            data = json.loads(body)
-        except ValueError:
+            # What json.loads does with bytes (RFC 8259 section 8.1, and UTF-16/32).
+            text = body.decode(json.detect_encoding(body), "surrogatepass")
+        except UnicodeDecodeError:
+            return body
+        if _nests_deeper_than(text, MAX_JSON_DEPTH):
+            return body
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError):
             return body
         # Key order and whitespace carry no meaning in JSON (RFC 8259 section 4).
         # ASCII escapes keep any decoded string (lone surrogates included) encodable.
-        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        return canonical_json(data)
     return body
+
+
+def canonical_json(
+    data: Any,
+    *,
+    separators: tuple[str, str] = (",", ":"),
+    default: Callable[[Any], Any] | None = None,
+) -> bytes:
+    """``json.dumps(data, sort_keys=True, separators=..., default=...)``, encoded, for data
+    nested at any depth: where ``json.dumps`` runs out of recursion, the same text is built
+    without recursion. Never raises ``RecursionError``."""
+    try:
+        return json.dumps(data, sort_keys=True, separators=separators, default=default).encode()
+    except RecursionError:
+        return _dumps_without_recursion(data, separators, default).encode()
+
+
+def _float(value: float) -> str:
+    if value != value:
+        return "NaN"
+    if value in (math.inf, -math.inf):
+        return "Infinity" if value > 0 else "-Infinity"
+    return float.__repr__(value)
+
+
+def _key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, float):
+        return _float(key)
+    if key is True or key is False or key is None:
+        return {True: "true", False: "false", None: "null"}[key]
+    if isinstance(key, int):
+        return int.__repr__(key)
+    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
+
+
+def _dumps_without_recursion(
+    data: Any, separators: tuple[str, str], default: Callable[[Any], Any] | None
+) -> str:
+    """The text ``json.dumps(data, sort_keys=True, ...)`` gives, built with an explicit
+    stack (the C encoder's rules: same type checks in the same order)."""
+    item_separator, key_separator = separators
+    parts: list[str] = []
+    # ("value", object) to encode, ("text", str) to emit, ("close", id) ending a container.
+    stack: list[tuple[str, Any]] = [("value", data)]
+    open_containers: set[int] = set()
+    while stack:
+        kind, item = stack.pop()
+        if kind == "text":
+            parts.append(item)
+        elif kind == "close":
+            open_containers.discard(item)
+        elif item is None:
+            parts.append("null")
+        elif item is True:
+            parts.append("true")
+        elif item is False:
+            parts.append("false")
+        elif isinstance(item, str):
+            parts.append(encode_basestring_ascii(item))
+        elif isinstance(item, int):
+            parts.append(int.__repr__(item))
+        elif isinstance(item, float):
+            parts.append(_float(item))
+        else:
+            if id(item) in open_containers:
+                raise ValueError("Circular reference detected")
+            if isinstance(item, list | tuple):
+                members: list[tuple[str, Any]] = [("value", value) for value in item]
+                opening, closing = "[", "]"
+            elif isinstance(item, dict):
+                members = []
+                for key, value in sorted(item.items()):
+                    members.append(("text", encode_basestring_ascii(_key(key)) + key_separator))
+                    members.append(("value", value))
+                opening, closing = "{", "}"
+            elif default is not None:
+                open_containers.add(id(item))
+                stack.append(("close", id(item)))
+                stack.append(("value", default(item)))
+                continue
+            else:
+                raise TypeError(f"Object of type {type(item).__name__} is not JSON serializable")
+            open_containers.add(id(item))
+            parts.append(opening)
+            stack.append(("close", id(item)))
+            stack.append(("text", closing))
+            step = 2 if isinstance(item, dict) else 1
+            for index in range(len(members) - step, -1, -step):
+                stack.extend(reversed(members[index : index + step]))
+                if index:
+                    stack.append(("text", item_separator))
+    return "".join(parts)
 
 
 def default_fingerprint(request: HttpRequest, body: bytes) -> str:
@@ -210,11 +346,23 @@ def fingerprint(request: HttpRequest, body: bytes) -> str:
 
 
 def default_scope(request: HttpRequest) -> str:
-    """``user:<pk>`` for an authenticated user; one shared ``anonymous`` scope otherwise."""
+    """``user:<model label>:<pk>`` for an authenticated principal (``user:auth.user:1``);
+    one shared ``anonymous`` scope otherwise.
+
+    The label keeps apart principals of two models with equal primary keys (a ``User`` and
+    an API client that an authentication class returns as ``request.user``). A principal
+    that is no model instance is named by its class's module and qualified name.
+    """
     user = getattr(request, "user", None)
     if user is not None and getattr(user, "is_authenticated", False):
-        return f"user:{user.pk}"
+        meta = getattr(user, "_meta", None)
+        label = meta.label_lower if meta is not None else _qualified_name(type(user))
+        return f"user:{label}:{user.pk}"
     return "anonymous"
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def scope(request: HttpRequest) -> str:
@@ -255,3 +403,19 @@ def replay_response(stored: StoredResponse) -> HttpResponse:
         response[name] = value
     response[idempotency_settings.REPLAY_HEADER] = "true"
     return response
+
+
+# The exceptions Django answers with a 4xx of its own (``response_for_exception``): business
+# answers like a DRF 4xx, so stored and replayed rather than releasing the key.
+CLIENT_ERRORS = (Http404, PermissionDenied, BadRequest, SuspiciousOperation)
+
+
+def client_error_response(request: HttpRequest, exc: Exception) -> HttpResponseBase:
+    """The response Django sends for one of ``CLIENT_ERRORS`` (the project's
+    ``handler404``/``handler403``/``handler400``). An exception leaving the view would undo
+    an ATOMIC_REQUESTS transaction: that is kept (as DRF does for its 4xx); in autocommit
+    mode the handler's writes commit with the stored answer."""
+    for connection in connections.all(initialized_only=True):
+        if connection.settings_dict["ATOMIC_REQUESTS"] and connection.in_atomic_block:
+            transaction.set_rollback(True, using=connection.alias)
+    return response_for_exception(request, exc)

@@ -13,6 +13,7 @@ from rest_framework.decorators import api_view
 from rest_framework.response import Response
 from rest_framework.test import APIClient
 
+from idempotency_django import http as idempotency_http
 from idempotency_django.checks import check_settings
 from idempotency_django.decorators import idempotent
 from idempotency_django.models import IdempotencyRecord
@@ -177,3 +178,56 @@ def test_connection_lost_mid_request_is_answered_503_and_leaves_no_record(post, 
     assert response["Retry-After"] == "1"
     assert not IdempotencyRecord.objects.exists()  # released, or never committed
     assert post("/payments/", BODY, "after").status_code == 201
+
+
+def _deep(depth: int, shape: str, leaf: bytes = b"1") -> bytes:
+    if shape == "arrays":
+        return b"[" * depth + leaf + b"]" * depth
+    return b'{"a":' * depth + leaf + b"}" * depth
+
+
+def _send(client, path: str, body: bytes, key: str):
+    return client.generic("POST", path, body, "application/json", HTTP_IDEMPOTENCY_KEY=key)
+
+
+@pytest.mark.parametrize("shape", ["arrays", "objects"])
+@pytest.mark.parametrize(("path", "status"), [("/deep/", 201), ("/plain-deep/", 400)])
+def test_deeply_nested_json_body_is_answered_by_the_view_and_replayed(client, path, status, shape):
+    body = _deep(100_000, shape)
+    first = _send(client, path, body, "deep")
+    retry = _send(client, path, body, "deep")
+    assert first.status_code == retry.status_code == status
+    assert retry.content == first.content
+    assert retry["Idempotent-Replayed"] == "true"
+    assert Payment.objects.count() == 1
+
+
+@pytest.mark.parametrize("shape", ["arrays", "objects"])
+@pytest.mark.parametrize("path", ["/deep/", "/plain-deep/"])
+def test_deeply_nested_json_body_reused_with_another_body_is_422(client, path, shape):
+    _send(client, path, _deep(100_000, shape), "deep")
+    for other in (_deep(100_001, shape), _deep(100_000, shape, leaf=b"2")):
+        response = _send(client, path, other, "deep")
+        assert response.status_code == 422
+        assert response.json()["code"] == "idempotency_key_mismatch"
+    assert Payment.objects.count() == 1
+
+
+def test_json_body_nested_deeper_than_the_limit_is_compared_byte_for_byte(client):
+    deepest = idempotency_http.MAX_JSON_DEPTH
+    # At the limit, formatting does not matter; one level deeper, it does.
+    assert _send(client, "/deep/", _deep(deepest, "arrays"), "at").status_code == 201
+    spaced = _send(client, "/deep/", _deep(deepest, "arrays", leaf=b" 1 "), "at")
+    assert spaced["Idempotent-Replayed"] == "true"
+    assert _send(client, "/deep/", _deep(deepest + 1, "arrays"), "over").status_code == 201
+    spaced = _send(client, "/deep/", _deep(deepest + 1, "arrays", leaf=b" 1 "), "over")
+    assert spaced.status_code == 422
+    assert Payment.objects.count() == 2
+
+
+def test_brackets_inside_json_strings_do_not_count_as_nesting(client):
+    deepest = idempotency_http.MAX_JSON_DEPTH
+    body = b'{"note": "' + b"[{" * deepest + b'\\"[", "amount": 1}'
+    reordered = b'{"amount": 1, "note": "' + b"[{" * deepest + b'\\"["}'
+    assert _send(client, "/deep/", body, "strings").status_code == 201
+    assert _send(client, "/deep/", reordered, "strings")["Idempotent-Replayed"] == "true"

@@ -6,11 +6,15 @@ the handler runs at most once per (scope, key).
 
 from __future__ import annotations
 
+import json
+import uuid
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
+from idempotency_django.http import _dumps_without_recursion, canonical_json
 from tests.testapp.models import Payment
 
 pytestmark = [pytest.mark.django_db, pytest.mark.reliability]
@@ -146,3 +150,54 @@ def test_one_key_executes_at_most_once_whatever_bodies_follow(key, bodies):
     again = _answer(client, valid, "application/json", HTTP_IDEMPOTENCY_KEY=f"once-{key}")
     assert again.content == first.content
     assert Payment.objects.count() - before <= 1
+
+
+@st.composite
+def nested_json(draw: st.DrawFn) -> bytes:
+    """Valid JSON nested up to 5,000 levels, arrays and objects mixed, odd whitespace."""
+    depth = draw(st.integers(min_value=1, max_value=5_000))
+    kinds = draw(st.lists(st.sampled_from("[{"), min_size=depth, max_size=depth))
+    space = draw(st.sampled_from(["", " ", "\n\t"]))
+    opening = "".join('{"k":' + space if kind == "{" else "[" + space for kind in kinds)
+    closing = "".join(space + ("}" if kind == "{" else "]") for kind in reversed(kinds))
+    return (opening + draw(st.sampled_from(["1", '"x"', "null", "[]", "{}"])) + closing).encode()
+
+
+@FUZZ
+@given(body=nested_json(), path=st.sampled_from(["/deep/", "/plain-deep/"]))
+def test_nested_json_body_of_any_depth_is_answered_by_the_view_and_replayed(body, path):
+    client = APIClient()
+    key = f"nested-{uuid.uuid4()}"  # examples share the database: one key each
+    before = Payment.objects.count()
+    first = _answer_at(client, path, body, key)
+    retry = _answer_at(client, path, body, key)
+    assert first.status_code < 500, first.content[:300]
+    assert retry.content == first.content
+    assert retry["Idempotent-Replayed"] == "true"
+    assert Payment.objects.count() - before == 1
+
+
+def _answer_at(client: APIClient, path: str, body: bytes, key: str):
+    return client.generic("POST", path, body, "application/json", HTTP_IDEMPOTENCY_KEY=key)
+
+
+json_data = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=30,
+)
+
+
+@FUZZ
+@given(data=json_data, separators=st.sampled_from([(",", ":"), (", ", ": ")]))
+def test_canonical_json_without_recursion_is_the_text_json_dumps_gives(data, separators):
+    expected = json.dumps(data, sort_keys=True, separators=separators, default=str)
+    assert _dumps_without_recursion(data, separators, str) == expected
+
+
+def test_canonical_json_of_data_too_deep_for_json_dumps_is_built_without_recursion():
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep, {"b": 1, "a": None}]
+    text = canonical_json(deep, separators=(", ", ": "), default=str)
+    assert text == b"[" * 100_000 + b"[]" + b', {"a": null, "b": 1}]' * 100_000

@@ -182,7 +182,7 @@ def test_authorization_and_cookie_request_headers_are_never_stored(post, user):
     assert response.status_code == 201
     assert response.json()["created_by"] == "alice"  # the credentials were used
     row = stored_row()
-    assert f"user:{user.pk}" in row
+    assert f"user:{user._meta.label_lower}:{user.pk}" in row
     for secret in (token, PASSWORD_SECRET, SESSION_SECRET, CSRF_SECRET):
         assert secret not in row
 

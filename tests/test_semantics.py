@@ -284,15 +284,17 @@ def test_same_key_from_two_users_is_two_unrelated_records(post, user, other_user
     assert b.json()["created_by"] == "bob"
     assert Payment.objects.count() == 2
     assert set(IdempotencyRecord.objects.values_list("scope", flat=True)) == {
-        f"user:{user.pk}",
-        f"user:{other_user.pk}",
+        f"user:{user._meta.label_lower}:{user.pk}",
+        f"user:{other_user._meta.label_lower}:{other_user.pk}",
     }
 
 
 def test_user_never_gets_409_caused_by_another_users_in_flight_key(post, user, other_user):
     from rest_framework.test import APIClient
 
-    IdempotencyRecordFactory(key="shared", scope=f"user:{user.pk}", processing=True)
+    IdempotencyRecordFactory(
+        key="shared", scope=f"user:{user._meta.label_lower}:{user.pk}", processing=True
+    )
     bob = APIClient()
     bob.force_authenticate(other_user)
     assert post("/payments/", BODY, "shared", via=bob).status_code == 201

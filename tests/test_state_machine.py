@@ -101,7 +101,7 @@ class IdempotentPayments(RuleBasedStateMachine):
         self.clients = {"": APIClient(raise_request_exception=False)}
         for name in filter(None, USERS):
             user = UserFactory(username=name)  # get_or_create: made by the first example
-            self.scopes[name] = f"user:{user.pk}"
+            self.scopes[name] = f"user:{user._meta.label_lower}:{user.pk}"
             self.clients[name] = APIClient(raise_request_exception=False)
             self.clients[name].force_authenticate(user)
         self.current = {(user, key): Lifetime() for user in USERS for key in KEYS}

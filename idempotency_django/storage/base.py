@@ -70,6 +70,9 @@ class Claim:
     # The storage's clock minus this process's clock when the claim was made: timestamps
     # written later (completion, expiry) follow the storage's clock, as the claim's did.
     clock_offset: timedelta = timedelta(0)
+    # Where the claimed row version lives, for a storage that can address it directly (the
+    # database storage on PostgreSQL SERIALIZABLE: its ctid).
+    row_version: str | None = None
 
 
 class WorkAborted(TransactionManagementError):

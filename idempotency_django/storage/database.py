@@ -39,7 +39,11 @@ from idempotency_django.storage.base import (
     StoredResponse,
     UnitOfWork,
 )
-from idempotency_django.storage.errors import is_lock_conflict, is_statement_timeout
+from idempotency_django.storage.errors import (
+    is_lock_conflict,
+    is_serialization_failure,
+    is_statement_timeout,
+)
 from idempotency_django.storage.units import DatabaseUnit
 
 State = IdempotencyRecord.State
@@ -57,6 +61,11 @@ MAX_CLAIM_ATTEMPTS = 5
 # concurrent original's uncommitted claim before answering "in flight" (the server's default
 # lock_timeout, 0, would wait for as long as the original runs).
 REJECT_LOCK_WAIT = timedelta(milliseconds=100)
+
+
+def _serializable(connection: Any) -> bool:
+    # psycopg 3's IsolationLevel.SERIALIZABLE and psycopg2's ISOLATION_LEVEL_SERIALIZABLE.
+    return getattr(connection, "isolation_level", None) == 3
 
 
 class DatabaseStorage(BaseStorage):
@@ -157,23 +166,15 @@ class DatabaseStorage(BaseStorage):
         ttl: timedelta | None,
         wait: timedelta | None,
     ) -> Claim:
-        raced = False  # an insert or swap lost a race: read the newest committed row
         connection = connections[self.alias]
         for _attempt in range(MAX_CLAIM_ATTEMPTS):
-            share_lock = raced and self._in_transaction()
-            record, now = sql.read(
-                self.alias, connection, operation.scope, operation.key, share_lock=share_lock
-            )
-            if record is None and share_lock:
-                # The row that made the insert fail is not in this transaction's snapshot
-                # (PostgreSQL REPEATABLE READ / SERIALIZABLE inside ATOMIC_REQUESTS): read
-                # the committed row on a connection of its own, to answer from it.
-                return self._answer_from_fresh_read(operation)
+            record, now = sql.read(self.alias, connection, operation.scope, operation.key)
             if record is None:
                 claimed = self._insert(operation, now=now, lease=lease, ttl=ttl, wait=wait)
                 if claimed is not None:
                     return claimed
-                raced = True
+                if self._in_transaction():
+                    return self._answer_from_fresh_read(operation)
                 continue
             lease_over = record.lease_expires_at is None or record.lease_expires_at <= now
             if record.is_expired(now) and (record.state == State.COMPLETED or lease_over):
@@ -191,7 +192,8 @@ class DatabaseStorage(BaseStorage):
                 )
                 if claimed is not None:
                     return claimed
-                raced = True
+                if self._in_transaction():
+                    return self._answer_from_fresh_read(operation)
                 continue
             answer = self._answer(record, operation, now)
             if answer is not None:
@@ -209,7 +211,8 @@ class DatabaseStorage(BaseStorage):
             )
             if claimed is not None:
                 return claimed
-            raced = True
+            if self._in_transaction():
+                return self._answer_from_fresh_read(operation)
         return Claim(Outcome.IN_FLIGHT, retry_after=lease, scope=operation.scope, key=operation.key)
 
     def _answer(
@@ -239,11 +242,22 @@ class DatabaseStorage(BaseStorage):
         )
 
     def _answer_from_fresh_read(self, operation: Operation) -> Claim:
-        fresh = connections.create_connection(self.alias)
-        try:
-            record, now = sql.read(self.alias, fresh, operation.scope, operation.key)
-        finally:
-            fresh.close()
+        """After losing a race inside an outer transaction (ATOMIC_REQUESTS): answer from the
+        newest committed record, read on a short-lived connection of its own. The outer
+        transaction's snapshot may not show the row that won (PostgreSQL REPEATABLE READ and
+        SERIALIZABLE), and a locking read of it fails under MariaDB's snapshot isolation
+        (error 1020); a plain read elsewhere sees it at every level. Costs a connection, on
+        this rare path only."""
+        if connections[self.alias].vendor == "sqlite":
+            # One writer at a time: this connection already sees every committed row (and
+            # an in-memory database exists on this connection only).
+            record, now = sql.read(self.alias, connections[self.alias], *self._names(operation))
+        else:
+            fresh = connections.create_connection(self.alias)
+            try:
+                record, now = sql.read(self.alias, fresh, *self._names(operation))
+            finally:
+                fresh.close()
         answer = None
         if record is not None and not record.is_expired(now):
             answer = self._answer(record, operation, now)
@@ -255,6 +269,10 @@ class DatabaseStorage(BaseStorage):
             scope=operation.scope,
             key=operation.key,
         )
+
+    @staticmethod
+    def _names(operation: Operation) -> tuple[str, str]:
+        return operation.scope, operation.key
 
     def _new_record(
         self, operation: Operation, *, now: datetime, lease: timedelta, ttl: timedelta | None
@@ -308,6 +326,13 @@ class DatabaseStorage(BaseStorage):
                 record = self._records().create(**values)
         except IntegrityError:
             return None
+        except DatabaseError as error:
+            # SERIALIZABLE reports a unique violation against a row its snapshot cannot see
+            # as a serialization failure: the race was lost all the same (the savepoint
+            # keeps the outer transaction usable).
+            if not (self._in_transaction() and is_serialization_failure(error)):
+                raise
+            return None
         return self._claimed(operation, record.pk, values["lease_owner"], now)
 
     @contextmanager
@@ -354,7 +379,7 @@ class DatabaseStorage(BaseStorage):
                 f"({', '.join(quote(sql.column(name)) for name in values)}) "
                 f"VALUES ({', '.join(placeholders)}) "
                 f"ON CONFLICT ({quote(sql.column('scope'))}, {quote(sql.column('key'))}) "
-                f"DO NOTHING RETURNING {quote(sql.column('id'))}"
+                f"DO NOTHING RETURNING {quote(sql.column('id'))}, ctid::text"
             ),
         )
         with connection.cursor() as cursor:
@@ -362,7 +387,10 @@ class DatabaseStorage(BaseStorage):
             row = cursor.fetchone()
         if row is None:
             return None
-        return self._claimed(operation, int(row[0]), values["lease_owner"], now)
+        version = str(row[1]) if _serializable(connection) else None
+        return self._claimed(
+            operation, int(row[0]), values["lease_owner"], now, row_version=version
+        )
 
     def _swap(
         self,
@@ -454,6 +482,15 @@ class DatabaseStorage(BaseStorage):
             ),
         )
         params += [claim.record_id, claim.token, State.PROCESSING.value]
+        if claim.row_version is not None:
+            # SERIALIZABLE: address the claimed row version by its ctid (a TID scan), so the
+            # completion reads no index page. Predicate locks on B-tree pages are page-wide:
+            # reading the primary key's page would conflict with every other completion and
+            # claim writing to it, and unrelated keys would fail each other's commits with
+            # serialization failures. A row version that changed since the claim (a takeover)
+            # matches nothing: ownership was lost.
+            text += " AND ctid = %s::tid"
+            params.append(claim.row_version)
         try:
             with connection.cursor() as cursor:
                 cursor.execute(text, params)

@@ -45,6 +45,13 @@ def is_lock_conflict(error: BaseException) -> bool:
     return "database is locked" in str(error.__cause__ or error)
 
 
+def is_serialization_failure(error: BaseException) -> bool:
+    """Whether ``error`` is PostgreSQL's serialization_failure, which SERIALIZABLE reports
+    instead of a unique violation when the conflicting row was inserted by a transaction
+    this one's snapshot cannot see."""
+    return _sqlstate(error) == "40001"
+
+
 def is_statement_timeout(error: BaseException) -> bool:
     """Whether ``error`` reports a statement cancelled by a statement timeout."""
     return _sqlstate(error) in _TIMEOUT_SQLSTATES or _mysql_code(error) in _TIMEOUT_MYSQL_CODES

@@ -108,7 +108,6 @@ class RecordReader:
 # transaction that may have begun long before), UTC_TIMESTAMP(6) whatever the session's time
 # zone. SQLite is a file on the app server's own machine: its clock is that machine's.
 CLOCK_SQL = {"postgresql": "statement_timestamp()", "mysql": "UTC_TIMESTAMP(6)"}
-CLOCK_ALONE_SQL = {vendor: f"SELECT {clock}" for vendor, clock in CLOCK_SQL.items()}
 
 
 def database_time(value: Any, vendor: str) -> datetime:
@@ -142,21 +141,16 @@ def reader(alias: str, connection: Any) -> RecordReader:
 
 
 def read(
-    alias: str, connection: Any, scope: str, key: str, *, share_lock: bool = False
+    alias: str, connection: Any, scope: str, key: str
 ) -> tuple[IdempotencyRecord | None, datetime]:
     """The record of (scope, key), if any, and the database's current time."""
     records = reader(alias, connection)
     vendor = connection.vendor
     with connection.cursor() as cursor:
-        if share_lock or records.clocked_sql is None:
-            suffix = SHARE_LOCK_SQL.get(vendor, "") if share_lock else ""
-            cursor.execute(records.sql + suffix, [scope, key])
+        if records.clocked_sql is None:
+            cursor.execute(records.sql, [scope, key])
             row = cursor.fetchone()
-            if vendor in CLOCK_ALONE_SQL:
-                cursor.execute(CLOCK_ALONE_SQL[vendor])
-                now = database_time(cursor.fetchone()[0], vendor)
-            else:
-                now = timezone.now()
+            now = timezone.now()
         else:
             cursor.execute(records.clocked_sql, [scope, key])
             clock, *columns = cursor.fetchone()
