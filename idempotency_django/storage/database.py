@@ -64,8 +64,11 @@ REJECT_LOCK_WAIT = timedelta(milliseconds=100)
 
 
 def _serializable(connection: Any) -> bool:
-    # psycopg 3's IsolationLevel.SERIALIZABLE and psycopg2's ISOLATION_LEVEL_SERIALIZABLE.
-    return getattr(connection, "isolation_level", None) == 3
+    """Whether the PostgreSQL connection runs SERIALIZABLE: psycopg 3 keeps an
+    ``IsolationLevel`` enum, psycopg2 its ISOLATION_LEVEL_SERIALIZABLE (3)."""
+    level = getattr(connection, "isolation_level", None)
+    name = getattr(level, "name", None)
+    return name == "SERIALIZABLE" if name is not None else level == 3
 
 
 class DatabaseStorage(BaseStorage):
