@@ -4,7 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test reliability test-sqlite test-postgres test-mariadb lint typecheck docs tox clean bench bench-cleanup
+.PHONY: demo test reliability test-isolation test-sqlite test-postgres test-mariadb lint typecheck docs tox clean bench bench-cleanup bench-statements
+
+# pytest exits with 5 when it collected no tests (a -k/-m that selects nothing): not a failure.
+PYTEST := $(BIN)/python -m pytest -q
+NOTHING_COLLECTED_IS_FINE := || [ $$? -eq 5 ]
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,26 +20,33 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python example_project/demo.py
 
-## test: the suite on SQLite, then on PostgreSQL and MariaDB when they are reachable
-## (set REQUIRE_SERVER_DATABASES=1 to fail instead of skipping an unreachable one).
+## test: the suite but the reliability set, on SQLite, then on PostgreSQL and MariaDB when
+## they are reachable (set REQUIRE_SERVER_DATABASES=1 to fail instead of skipping one).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
-	$(BIN)/python tests/run_server_databases.py
+	TEST_DATABASE=sqlite $(PYTEST) -m "not reliability" $(NOTHING_COLLECTED_IS_FINE)
+	$(BIN)/python tests/run_server_databases.py -m "not reliability"
 
 ## reliability: the fault, load, security and hostile-input tests alone, on SQLite, then on
 ## PostgreSQL and MariaDB (gunicorn against the real databases).
 reliability: $(STAMP)
-	$(BIN)/python -m pytest -q -m reliability
+	TEST_DATABASE=sqlite $(PYTEST) -m reliability $(NOTHING_COLLECTED_IS_FINE)
 	$(BIN)/python tests/run_server_databases.py -m reliability
 
+## test-isolation: the concurrency suites on PostgreSQL at REPEATABLE READ and SERIALIZABLE
+## and on MariaDB at REPEATABLE READ (READ COMMITTED is what `make test` runs).
+ISOLATION_SUITES := tests/test_concurrency.py tests/test_atomic_requests.py \
+	tests/test_isolation.py tests/test_semantics.py
+test-isolation: $(STAMP)
+	$(BIN)/python tests/run_server_databases.py --isolation $(ISOLATION_SUITES)
+
 test-sqlite: $(STAMP)
-	TEST_DATABASE=sqlite $(BIN)/python -m pytest -q
+	TEST_DATABASE=sqlite $(PYTEST) -m "not reliability" $(NOTHING_COLLECTED_IS_FINE)
 
 test-postgres: $(STAMP)
-	TEST_DATABASE=postgres $(BIN)/python -m pytest -q
+	TEST_DATABASE=postgres $(PYTEST) -m "not reliability" $(NOTHING_COLLECTED_IS_FINE)
 
 test-mariadb: $(STAMP)
-	TEST_DATABASE=mariadb $(BIN)/python -m pytest -q
+	TEST_DATABASE=mariadb $(PYTEST) -m "not reliability" $(NOTHING_COLLECTED_IS_FINE)
 
 ## docs: build the documentation site (MkDocs, warnings are errors) into site/.
 docs: $(STAMP)
@@ -67,3 +78,8 @@ bench: $(STAMP)
 ## bench-cleanup: batched cleanup vs plain DELETE on PostgreSQL (writes docs/benchmarks.md).
 bench-cleanup: $(STAMP)
 	$(BIN)/python benchmarks/cleanup.py
+
+## bench-statements: each hand-written SQL statement of the database storage beside its ORM
+## form, on PostgreSQL (prints ratios; figures kept in docs/benchmarks.md).
+bench-statements: $(STAMP)
+	$(BIN)/python benchmarks/statements.py
