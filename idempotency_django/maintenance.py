@@ -279,11 +279,18 @@ def delete_orphaned_counters(
 
 
 def expire(queryset: QuerySet[Any]) -> int:
-    """The admin's *Expire selected records*: they behave as absent from now on (by the
-    database's clock), so the next request with their key executes; one in flight keeps its
-    lease (409 until it ends). Returns how many changed (not those already expired)."""
+    """The admin's *Expire selected records*: completed ones behave as absent from now on
+    (by the database's clock), so the next request with their key executes. A record in
+    flight is left to its owner: nothing but a takeover changes a row an in-flight request
+    will complete (under REPEATABLE READ or SERIALIZABLE the owner's completion would fail).
+    Returns how many changed (not those already expired, nor those in flight)."""
+    from idempotency_django.models import IdempotencyRecord
+
     now = DatabaseNow()
-    changed = queryset.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+    changed = queryset.filter(
+        Q(state=IdempotencyRecord.State.COMPLETED)
+        & (Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+    )
     return int(changed.update(expires_at=now))
 
 

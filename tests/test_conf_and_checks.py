@@ -278,7 +278,8 @@ def test_w003_is_quiet_when_every_idempotent_view_joins_that_database():
         assert "idempotency_django.W003" not in _ids(check_settings())
 
 
-@pytest.mark.django_db
+# Django 6.1 checks the models on every database alias: the second test database too.
+@pytest.mark.django_db(databases=["default", "other"])
 def test_check_command_fails_on_a_bad_setting(settings):
     settings.IDEMPOTENCY = {"CONFLICT": "queue"}
     with pytest.raises(SystemCheckError, match=r"idempotency_django\.E003"):

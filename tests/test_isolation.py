@@ -16,18 +16,21 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.conf import settings
 from django.db import connection, connections, transaction
 from django.urls import include, path
+from django.utils import timezone
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.test import APIClient
 from rest_framework.views import APIView
 
+from idempotency_django import maintenance
 from idempotency_django.mixins import IdempotentMixin
 from idempotency_django.models import IdempotencyRecord
 from tests.test_concurrency import Answer, _send, race
@@ -302,3 +305,89 @@ def test_waiting_retry_under_atomic_requests_gets_the_replay_when_the_original_e
     assert (retry.status, retry.replayed) == (201, True), (retry, elapsed)
     assert retry.body == first.body
     assert elapsed < 3, f"answered after {elapsed:.1f} s"
+
+
+# -- 5. Requests with different keys never fail each other, whatever the level --------------
+
+
+@pytest.mark.usefixtures("atomic_requests")
+def test_first_requests_with_different_keys_under_atomic_requests_all_execute():
+    # Time-ordered keys, as UUIDv7 or ULID clients send: they share unique-index pages, where
+    # SERIALIZABLE's predicate locks are page-wide.
+    answers = race(
+        [
+            ("/payments/", {**BODY, "reference": f"d{i}", "sleep": 0.3}, f"distinct-{i:04d}")
+            for i in range(12)
+        ]
+    )
+    assert [(a.status, a.code) for a in answers] == [(201, None)] * 12
+    assert Payment.objects.count() == 12
+
+
+def _expired(key: str, scope: str = "anonymous") -> None:
+    past = timezone.now() - timedelta(hours=1)
+    IdempotencyRecord.objects.create(
+        scope=scope,
+        key=key,
+        fingerprint="old",
+        method="POST",
+        path="/payments/",
+        state=IdempotencyRecord.State.COMPLETED,
+        lease_owner="old",
+        response_status=201,
+        response_body=b"{}",
+        created_at=past,
+        completed_at=past,
+        expires_at=past,
+    )
+
+
+@pytest.mark.parametrize("atomic", [False, True], ids=["autocommit", "atomic-requests"])
+def test_requests_reusing_expired_records_with_different_keys_all_execute(atomic, request):
+    if atomic:
+        request.getfixturevalue("atomic_requests")
+    for i in range(12):
+        _expired(f"reuse-{i:04d}")
+    answers = race(
+        [
+            ("/payments/", {**BODY, "reference": f"r{i}", "sleep": 0.3}, f"reuse-{i:04d}")
+            for i in range(12)
+        ]
+    )
+    assert [(a.status, a.code) for a in answers] == [(201, None)] * 12
+    assert Payment.objects.count() == 12
+
+
+@postgres_only
+@pytest.mark.usefixtures("atomic_requests")
+def test_retry_racing_the_reuse_of_an_expired_record_is_answered_409_promptly():
+    _expired("reuse-x")
+    slow = {**BODY, "sleep": 3}
+    join_original = _in_thread(lambda: _post("/payments/", slow, "reuse-x"))
+    time.sleep(0.4)
+    started = time.monotonic()
+    retry = _in_thread(lambda: _post("/payments/", slow, "reuse-x"))()
+    elapsed = time.monotonic() - started
+    assert join_original().status == 201
+    assert (retry.status, retry.code) == (409, "idempotency_key_in_use")
+    assert elapsed < 1.5, f"answered after {elapsed:.1f} s"
+    assert Payment.objects.count() == 1
+
+
+# -- 6. The admin's expire action never breaks an in-flight original ------------------------
+
+
+def test_expiring_an_in_flight_record_leaves_it_to_its_original():
+    slow = {**BODY, "sleep": 1.5}
+
+    def expire_meanwhile() -> int:
+        time.sleep(0.6)
+        return maintenance.expire(IdempotencyRecord.objects.filter(key="expire-1"))
+
+    join = _in_thread(expire_meanwhile)
+    original = _send("/reads-first/", slow, "expire-1")
+    assert join() == 0  # nothing expired: the record was in flight
+    assert (original.status, original.code) == (201, None)
+    assert Payment.objects.count() == 1
+    replay = _send("/reads-first/", slow, "expire-1")
+    assert (replay.status, replay.replayed) == (201, True)

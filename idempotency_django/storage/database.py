@@ -63,6 +63,10 @@ MAX_CLAIM_ATTEMPTS = 5
 REJECT_LOCK_WAIT = timedelta(milliseconds=100)
 
 
+class _KeyBusy(Exception):
+    """A race was lost and the winner's record could not be read on a connection of its own."""
+
+
 def _serializable(connection: Any) -> bool:
     """Whether the PostgreSQL connection runs SERIALIZABLE: psycopg 3 keeps an
     ``IsolationLevel`` enum, psycopg2 its ISOLATION_LEVEL_SERIALIZABLE (3)."""
@@ -144,6 +148,14 @@ class DatabaseStorage(BaseStorage):
     ) -> Claim:
         try:
             return self._claim(operation, lease=lease, ttl=ttl, wait=wait)
+        except _KeyBusy as busy:
+            logger.warning("idempotency key in use; its record could not be read: %s", busy)
+            return Claim(
+                Outcome.IN_FLIGHT,
+                retry_after=timedelta(seconds=1),
+                scope=operation.scope,
+                key=operation.key,
+            )
         except DatabaseError as error:
             if not (is_lock_conflict(error) or is_statement_timeout(error)):
                 raise
@@ -170,53 +182,74 @@ class DatabaseStorage(BaseStorage):
         wait: timedelta | None,
     ) -> Claim:
         connection = connections[self.alias]
+        in_transaction = self._in_transaction()
+        # Inside a SERIALIZABLE transaction on PostgreSQL the claim starts with the INSERT:
+        # reading a missing key first would take a predicate lock on its unique-index page,
+        # and two requests with different keys on that page (time-ordered keys always are)
+        # would fail each other's commits. The INSERT's own uniqueness check takes none.
+        insert_first = in_transaction and connection.vendor == "postgresql"
+        insert_first = insert_first and _serializable(connection)
         for _attempt in range(MAX_CLAIM_ATTEMPTS):
-            record, now = sql.read(self.alias, connection, operation.scope, operation.key)
-            if record is None:
-                claimed = self._insert(operation, now=now, lease=lease, ttl=ttl, wait=wait)
+            if insert_first:
+                claimed = self._insert_now(operation, lease=lease, ttl=ttl, wait=wait)
                 if claimed is not None:
                     return claimed
-                if self._in_transaction():
-                    return self._answer_from_fresh_read(operation)
-                continue
+                record, now = self._fresh_read(operation)
+                if record is None:
+                    # Only this transaction's own uncommitted row is hidden from a fresh
+                    # connection (a second claim in one transaction): read it here.
+                    record, now = sql.read(self.alias, connection, *self._names(operation))
+            else:
+                record, now = sql.read(self.alias, connection, operation.scope, operation.key)
+                if record is None:
+                    claimed = self._insert(operation, now=now, lease=lease, ttl=ttl, wait=wait)
+                    if claimed is not None:
+                        return claimed
+                    if not in_transaction:
+                        continue
+                    # The winner's row may be outside this transaction's snapshot.
+                    record, now = self._fresh_read(operation)
+            if record is None:
+                continue  # released (or cleaned up) meanwhile: claim again
             lease_over = record.lease_expires_at is None or record.lease_expires_at <= now
             if record.is_expired(now) and (record.state == State.COMPLETED or lease_over):
                 # An expired record behaves as absent: reuse its row for a fresh claim. (A
                 # record still processing under a live lease is never reused, even when a
                 # short per-view TTL has passed: its owner may still complete it.)
-                claimed = self._swap(
-                    record,
-                    operation,
-                    now=now,
-                    lease=lease,
-                    ttl=ttl,
-                    condition=Q(expires_at__lte=now)
-                    & (Q(state=State.COMPLETED) | Q(lease_expires_at__lte=now)),
+                condition = Q(expires_at__lte=now) & (
+                    Q(state=State.COMPLETED) | Q(lease_expires_at__lte=now)
                 )
-                if claimed is not None:
-                    return claimed
-                if self._in_transaction():
-                    return self._answer_from_fresh_read(operation)
-                continue
-            answer = self._answer(record, operation, now)
-            if answer is not None:
-                return answer
-            # The owner's lease ran out (by the database's clock): its worker died or is too
-            # slow. Take the key over; the old owner's completion then matches no row.
+                taken_over = False
+            else:
+                answer = self._answer(record, operation, now)
+                if answer is not None:
+                    return answer
+                # The owner's lease ran out (by the database's clock): its worker died or is
+                # too slow. Take the key over; the old owner's completion then matches no row.
+                condition = Q(state=State.PROCESSING, lease_expires_at__lte=now)
+                taken_over = True
             claimed = self._swap(
                 record,
                 operation,
                 now=now,
                 lease=lease,
                 ttl=ttl,
-                condition=Q(state=State.PROCESSING, lease_expires_at__lte=now),
-                taken_over=True,
+                condition=condition,
+                taken_over=taken_over,
+                wait=wait,
             )
             if claimed is not None:
                 return claimed
-            if self._in_transaction():
-                return self._answer_from_fresh_read(operation)
-        return Claim(Outcome.IN_FLIGHT, retry_after=lease, scope=operation.scope, key=operation.key)
+            if in_transaction:
+                # Someone changed the row first, or this snapshot cannot reach it: a retry in
+                # a new transaction will (never a loop of fresh reads in this one).
+                break
+        return Claim(
+            Outcome.IN_FLIGHT,
+            retry_after=timedelta(seconds=1) if in_transaction else lease,
+            scope=operation.scope,
+            key=operation.key,
+        )
 
     def _answer(
         self, record: IdempotencyRecord, operation: Operation, now: datetime
@@ -244,34 +277,42 @@ class DatabaseStorage(BaseStorage):
             retry_after=retry_after,
         )
 
-    def _answer_from_fresh_read(self, operation: Operation) -> Claim:
-        """After losing a race inside an outer transaction (ATOMIC_REQUESTS): answer from the
-        newest committed record, read on a short-lived connection of its own. The outer
+    def _fresh_read(self, operation: Operation) -> tuple[IdempotencyRecord | None, datetime]:
+        """After losing a race inside an outer transaction (ATOMIC_REQUESTS): the newest
+        committed record, read on a short-lived connection of its own. The outer
         transaction's snapshot may not show the row that won (PostgreSQL REPEATABLE READ and
-        SERIALIZABLE), and a locking read of it fails under MariaDB's snapshot isolation
-        (error 1020); a plain read elsewhere sees it at every level. Costs a connection, on
-        this rare path only."""
-        if connections[self.alias].vendor == "sqlite":
+        SERIALIZABLE), a locking read of it fails under MariaDB's snapshot isolation (error
+        1020), and a read in a SERIALIZABLE transaction would add a predicate lock; a plain
+        read elsewhere sees it at every level. Costs a connection, on this path only; if
+        none can be had (a full pool), the key is in use all the same: "in flight"."""
+        connection = connections[self.alias]
+        if connection.vendor == "sqlite":
             # One writer at a time: this connection already sees every committed row (and
             # an in-memory database exists on this connection only).
-            record, now = sql.read(self.alias, connections[self.alias], *self._names(operation))
-        else:
-            fresh = connections.create_connection(self.alias)
-            try:
-                record, now = sql.read(self.alias, fresh, *self._names(operation))
-            finally:
-                fresh.close()
-        answer = None
-        if record is not None and not record.is_expired(now):
-            answer = self._answer(record, operation, now)
-        # A record this snapshot cannot see cannot be taken over from it either: the
-        # client retries (in a new transaction).
-        return answer or Claim(
-            Outcome.IN_FLIGHT,
-            retry_after=timedelta(seconds=1),
-            scope=operation.scope,
-            key=operation.key,
-        )
+            return sql.read(self.alias, connection, *self._names(operation))
+        fresh = connections.create_connection(self.alias)
+        try:
+            record, now = sql.read(self.alias, fresh, *self._names(operation))
+            if record is not None and _serializable(connection):
+                # Where that row version lives, so that a swap in this SERIALIZABLE
+                # transaction addresses it by ctid and reads no index page (see complete()).
+                with fresh.cursor() as cursor:
+                    cursor.execute(
+                        f"SELECT ctid::text FROM {fresh.ops.quote_name(self._table())} "
+                        f"WHERE {fresh.ops.quote_name(sql.column('id'))} = %s",
+                        [record.pk],
+                    )
+                    found = cursor.fetchone()
+                record._row_version = found[0] if found else None  # type: ignore[attr-defined]
+            return record, now
+        except Exception as error:
+            raise _KeyBusy from error
+        finally:
+            fresh.close()
+
+    @staticmethod
+    def _table() -> str:
+        return IdempotencyRecord._meta.db_table
 
     @staticmethod
     def _names(operation: Operation) -> tuple[str, str]:
@@ -363,6 +404,58 @@ class DatabaseStorage(BaseStorage):
         with connection.cursor() as cursor:
             cursor.execute("SELECT set_config('lock_timeout', %s, true)", [previous])
 
+    def _insert_now(
+        self,
+        operation: Operation,
+        *,
+        lease: timedelta,
+        ttl: timedelta | None,
+        wait: timedelta | None,
+    ) -> Claim | None:
+        """PostgreSQL, inside a SERIALIZABLE transaction: claim with an ``INSERT ... ON
+        CONFLICT DO NOTHING`` and no read before it, timestamps taken from the database's
+        clock by the statement itself. ``None`` when the key exists (or its row is outside
+        this snapshot: SERIALIZABLE reports that as a serialization failure)."""
+        connection = connections[self.alias]
+        values = self._new_record(operation, now=timezone.now(), lease=lease, ttl=ttl)
+        clocked = {"lease_expires_at": lease, "created_at": None, "expires_at": ttl}
+        plain = {name: value for name, value in values.items() if name not in clocked}
+        placeholders, params = sql.prepared(plain, connection)
+        names = [*plain, *clocked]
+        text = sql.statement(
+            connection,
+            "claim-now",
+            tuple(placeholders),
+            build=lambda quote: (
+                f"INSERT INTO {quote(IdempotencyRecord._meta.db_table)} "
+                f"({', '.join(quote(sql.column(name)) for name in names)}) "
+                f"VALUES ({', '.join(placeholders)}, statement_timestamp() + %s::interval, "
+                "statement_timestamp(), statement_timestamp() + %s::interval) "
+                f"ON CONFLICT ({quote(sql.column('scope'))}, {quote(sql.column('key'))}) "
+                f"DO NOTHING RETURNING {quote(sql.column('id'))}, ctid::text, "
+                f"{quote(sql.column('created_at'))}"
+            ),
+        )
+        try:
+            intervals: list[Any] = [lease, ttl]  # psycopg sends timedeltas as intervals
+            with (
+                self._statement_savepoint(),
+                self._bounded_lock_wait(wait),
+                connection.cursor() as cursor,
+            ):
+                cursor.execute(text, [*params, *intervals])
+                row = cursor.fetchone()
+        except DatabaseError as error:
+            if not is_serialization_failure(error):
+                raise
+            return None
+        if row is None:
+            return None
+        now = sql.database_time(row[2], connection.vendor)
+        return self._claimed(
+            operation, int(row[0]), values["lease_owner"], now, row_version=str(row[1])
+        )
+
     def _insert_on_conflict(
         self, operation: Operation, *, now: datetime, lease: timedelta, ttl: timedelta | None
     ) -> Claim | None:
@@ -404,6 +497,7 @@ class DatabaseStorage(BaseStorage):
         ttl: timedelta | None,
         condition: Q,
         taken_over: bool = False,
+        wait: timedelta | None = None,
     ) -> Claim | None:
         token = sql.new_token()
         changes: dict[str, Any] = {
@@ -425,14 +519,52 @@ class DatabaseStorage(BaseStorage):
                 completed_at=None,
                 expires_at=sql.expiry(now, ttl),
             )
-        matched = (
-            self._records()
-            .filter(condition, pk=record.pk, lease_owner=record.lease_owner)
-            .update(**changes)
-        )
+        # Inside an outer transaction the swap may wait on another request's uncommitted swap
+        # of the same row: bounded as the claim's INSERT is, in a savepoint of its own.
+        swapped = self._records().filter(condition, pk=record.pk, lease_owner=record.lease_owner)
+        connection = connections[self.alias]
+        version = None
+        with self._statement_savepoint(), self._bounded_lock_wait(wait):
+            if connection.vendor == "postgresql" and _serializable(connection):
+                located = getattr(record, "_row_version", None)
+                matched, version = self._update_returning_ctid(swapped, changes, located)
+            else:
+                matched = swapped.update(**changes)
         if matched != 1:
             return None
-        return self._claimed(operation, record.pk, token, now, taken_over=taken_over)
+        return self._claimed(
+            operation, record.pk, token, now, taken_over=taken_over, row_version=version
+        )
+
+    def _update_returning_ctid(
+        self, queryset: Any, changes: dict[str, Any], located: str | None = None
+    ) -> tuple[int, str | None]:
+        """``queryset.update(**changes)``, also returning the new row version's ctid, which
+        the completion then addresses at SERIALIZABLE (see complete()). The WHERE clause is
+        the ORM's own, compiled."""
+        connection = connections[self.alias]
+        quote = connection.ops.quote_name
+        placeholders, params = sql.prepared(changes, connection)
+        where, where_params = queryset.query.get_compiler(using=self.alias).compile(
+            queryset.query.where
+        )
+        assignments = ", ".join(
+            f"{quote(sql.column(name))} = {placeholder}"
+            for name, placeholder in zip(changes, placeholders, strict=True)
+        )
+        if located is not None:
+            # Known row version: a TID scan, no index page read (and so no predicate lock on
+            # one); a version changed since then matches nothing.
+            where = f"ctid = %s::tid AND {where}"
+            where_params = [located, *where_params]
+        text = (
+            f"UPDATE {quote(IdempotencyRecord._meta.db_table)} SET {assignments} "
+            f"WHERE {where} RETURNING ctid::text"
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(text, [*params, *where_params])
+            rows = cursor.fetchall()
+        return len(rows), (str(rows[0][0]) if len(rows) == 1 else None)
 
     # -- answers counted, cleanup ---------------------------------------------------------
 
