@@ -78,7 +78,8 @@ def configure() -> None:
     django.setup()
 
 
-def create_database() -> None:
+def create_database(name: str = DB_NAME) -> None:
+    """Drop and create the benchmark's own PostgreSQL database ``name``."""
     import psycopg
 
     admin = psycopg.connect(
@@ -88,8 +89,8 @@ def create_database() -> None:
         dbname="postgres",
         autocommit=True,
     )
-    admin.execute(f"DROP DATABASE IF EXISTS {DB_NAME}")
-    admin.execute(f"CREATE DATABASE {DB_NAME}")
+    admin.execute(f"DROP DATABASE IF EXISTS {name}")
+    admin.execute(f"CREATE DATABASE {name}")
     admin.close()
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cleanup import create_database  # noqa: E402
+
 DB_NAME = "idempotency_bench_statements"
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 CALLS = int(os.environ.get("BENCH_CALLS", "500"))
@@ -50,21 +52,6 @@ def configure() -> None:
     django.setup()
 
 
-def create_database() -> None:
-    import psycopg
-
-    admin = psycopg.connect(
-        host=os.environ.get("PGHOST", "127.0.0.1"),
-        port=os.environ.get("PGPORT", "5432"),
-        user=os.environ.get("PGUSER", "postgres"),
-        dbname="postgres",
-        autocommit=True,
-    )
-    admin.execute(f"DROP DATABASE IF EXISTS {DB_NAME}")
-    admin.execute(f"CREATE DATABASE {DB_NAME}")
-    admin.close()
-
-
 def per_call(function: Callable[[int], object]) -> float:
     started = time.perf_counter()
     for number in range(CALLS):
@@ -73,7 +60,7 @@ def per_call(function: Callable[[int], object]) -> float:
 
 
 def main() -> int:
-    create_database()
+    create_database(DB_NAME)
     configure()
     from django.core.management import call_command
     from django.db import connection, transaction

@@ -45,6 +45,11 @@ def _send(path: str, body: dict[str, Any], key: str, **headers: str) -> Answer:
         )
     finally:
         connections.close_all()
+    return answer_of(response)
+
+
+def answer_of(response: Any) -> Answer:
+    """What a client sees of ``response``: status, replay flag, body, problem code."""
     code = None
     if response.headers.get("Content-Type") == "application/problem+json":
         code = json.loads(response.content)["code"]

@@ -33,7 +33,7 @@ from rest_framework.views import APIView
 from idempotency_django import maintenance
 from idempotency_django.mixins import IdempotentMixin
 from idempotency_django.models import IdempotencyRecord
-from tests.test_concurrency import Answer, _send, race
+from tests.test_concurrency import Answer, _send, answer_of, race
 from tests.testapp.models import Payment
 from tests.testapp.views import _act
 
@@ -77,19 +77,6 @@ def _in_thread(function: Callable[[], Any]) -> Callable[[], Any]:
     return join
 
 
-def _answer(response: Any) -> Answer:
-    code = None
-    if response.headers.get("Content-Type") == "application/problem+json":
-        code = json.loads(response.content)["code"]
-    return Answer(
-        status=response.status_code,
-        replayed=response.headers.get("Idempotent-Replayed") == "true",
-        body=response.content,
-        code=code,
-        retry_after=response.headers.get("Retry-After"),
-    )
-
-
 def _post(path: str, body: dict[str, Any], key: str, **headers: str) -> Answer:
     """POST on this thread's connection and leave it open (the caller closes it)."""
     response = APIClient(raise_request_exception=False).post(
@@ -101,7 +88,7 @@ def _post(path: str, body: dict[str, Any], key: str, **headers: str) -> Answer:
     )
     # The test client has closed the response, as a server does after the last byte (the
     # counters are written then); closing it again would close this connection too.
-    return _answer(response)
+    return answer_of(response)
 
 
 def _stored_body(key: str) -> bytes:
