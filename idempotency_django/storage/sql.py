@@ -2,11 +2,12 @@
 texts built once per backend and shape, value preparation, and the database's clock.
 
 Each hand-written statement is kept because ``make bench-statements`` shows it pays against
-its ORM form, side by side on PostgreSQL (docs/benchmarks.md): the lookup with the clock
-0.35 ms against 0.86 ms for ``filter().first()`` without the clock (2.4x), the claim
-``INSERT ... ON CONFLICT`` 0.58 against 0.73 ms for ``create()`` (1.3x), the completion
-``UPDATE`` 0.96 against 1.35 ms for ``filter().update()`` (1.3x), and the counter upsert (in
-``counters.py``) 0.50 against 0.88 ms (1.8x). Everything else goes through the ORM.
+its ORM form, side by side on PostgreSQL (docs/benchmarks.md, latest run): the lookup with the
+clock 0.63 ms against 1.26 ms for ``filter().first()`` without the clock (2.1x), the claim
+``INSERT ... ON CONFLICT`` (``postgres.py``) 0.71 against 1.26 ms for ``create()`` (1.8x),
+the completion ``UPDATE`` 1.68 against 2.17 ms for ``filter().update()`` (1.3x), and the
+counter upsert (in ``counters.py``) 0.60 against 1.55 ms (2.4x). Everything else goes
+through the ORM.
 """
 
 from __future__ import annotations
