@@ -35,7 +35,7 @@ reliability: $(STAMP)
 ## test-isolation: the concurrency suites on PostgreSQL at REPEATABLE READ and SERIALIZABLE
 ## and on MariaDB at REPEATABLE READ (READ COMMITTED is what `make test` runs).
 ISOLATION_SUITES := tests/test_concurrency.py tests/test_atomic_requests.py \
-	tests/test_isolation.py tests/test_semantics.py
+	tests/test_isolation.py tests/test_semantics.py tests/test_functions.py
 test-isolation: $(STAMP)
 	$(BIN)/python tests/run_server_databases.py --isolation $(ISOLATION_SUITES)
 

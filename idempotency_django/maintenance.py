@@ -294,6 +294,10 @@ def expire(queryset: QuerySet[Any]) -> int:
     return int(changed.update(expires_at=now))
 
 
+# The record's ``method`` of each entry point that is not an HTTP request.
+ENTRY_POINTS = {"CALL": "function"}
+
+
 def collect(alias: str) -> dict[str, Any]:
     """The figures ``idempotency_stats`` shows, as a JSON-ready dict."""
     from idempotency_django.models import IdempotencyCounter, IdempotencyRecord
@@ -308,9 +312,14 @@ def collect(alias: str) -> dict[str, Any]:
     replays = totals["replays"] or 0
     executions = by_state.get(IdempotencyRecord.State.COMPLETED, 0)
     expired = records.expired().aggregate(n=Count("pk"), oldest=Min("expires_at"))
+    by_method = records.order_by().values_list("method").annotate(n=Count("pk"))
+    by_entry_point = {"http": 0, "function": 0}
+    for method, n in by_method.values_list("method", "n"):
+        by_entry_point[ENTRY_POINTS.get(method, "http")] += n
     return {
         "records": sum(by_state.values()),
         "by_state": {state: by_state.get(state, 0) for state in IdempotencyRecord.State.values},
+        "by_entry_point": by_entry_point,
         "replays": replays,
         # Of all answers served from completed records, the share that were replays.
         "replay_rate": round(replays / (executions + replays), 4) if executions + replays else 0.0,

@@ -34,6 +34,7 @@ class Command(BaseCommand):
         lines = [
             f"records:               {stats['records']}",
             *(f"  {state + ':':<20} {n}" for state, n in stats["by_state"].items()),
+            *(f"  {kind + ' records:':<20} {n}" for kind, n in stats["by_entry_point"].items()),
             f"replays:               {stats['replays']} (replay rate {stats['replay_rate']:.1%})",
             f"409 answers:           {stats['conflicts_409']}",
             f"422 answers:           {stats['mismatches_422']}",
