@@ -114,11 +114,7 @@ def main() -> int:
     def claim_synchronous(number: int) -> object:
         # The same statement without its asynchronous commit: its commit waits for the disk.
         values = claim_values(f"s{run}-{rounds_seen['claim']}", number)
-        placeholders, params = sql.prepared(values, connection)
-        text = sql.statement(connection, "claim", tuple(placeholders), build=None)
-        with connection.cursor() as cursor:
-            cursor.execute(text.replace(f", {postgres.ASYNCHRONOUS_COMMIT}", ""), params)
-            return cursor.fetchone()
+        return postgres.insert_claim(connection, values, asynchronous=False)
 
     def claim_orm(number: int) -> object:
         tag = f"o{run}-{rounds_seen['claim']}"

@@ -48,6 +48,9 @@ DEFAULTS: dict[str, Any] = {
     # response is never sent as a success that could not be replayed: its writes roll back,
     # the key is released and the client gets 500 idempotency_response_too_large.
     "MAX_RESPONSE_SIZE": 1024 * 1024,
+    # PostgreSQL in autocommit mode: claims and counters commit without waiting for the disk
+    # or synchronous standbys (the work's transaction always commits as configured).
+    "ASYNC_CLAIM_COMMIT": True,
 }
 
 # Settings holding a dotted path that is imported on first access.

@@ -33,10 +33,12 @@ logger = logging.getLogger("idempotency_django")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: The record's ``method`` for function calls (HTTP records hold the request's method).
 METHOD = "CALL"
+"""The record's ``method`` for function calls (HTTP records hold the request's method)."""
 SCOPE_PREFIX = "function:"
-MAX_KEY_LENGTH = 255  # the record's column
+"""Every function's scope starts with it: ``function:<name>[:<scope>]``."""
+MAX_KEY_LENGTH = 255
+"""The longest key (the record's column)."""
 
 
 class _UseSetting:
@@ -45,6 +47,7 @@ class _UseSetting:
 
 
 USE_SETTING: Any = _UseSetting()
+"""Default of ``ttl``: the ``TTL`` setting (``None`` keeps records forever)."""
 
 
 class IdempotentCallError(Exception):
@@ -109,7 +112,9 @@ def _argument(value: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
+class CallSpec:
+    """How one function (or task) is made idempotent; built once per decorated function."""
+
     name: str
     signature: inspect.Signature
     key: Callable[..., Any]
@@ -123,6 +128,8 @@ class _Spec:
     processing_timeout: Any
     using: Sequence[str]
     required: bool
+    method: str = METHOD
+    scope_prefix: str = SCOPE_PREFIX
 
     def policy(self) -> Policy:
         ttl = idempotency_settings.TTL if self.ttl is USE_SETTING else to_timedelta(self.ttl)
@@ -136,8 +143,13 @@ class _Spec:
             using=tuple(self.using),
         )
 
-    def operation(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Operation | None:
-        key = self.key(*args, **kwargs)
+    def operation(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], key: Any = None
+    ) -> Operation | None:
+        """The operation of a call; ``key`` given (a task's message header) wins over the
+        key function. ``None`` for a call without a key that may run without one."""
+        if key is None:
+            key = self.key(*args, **kwargs)
         if key is None:
             if self.required:
                 raise ValueError(f"{self.name}: the key function returned None")
@@ -148,7 +160,7 @@ class _Spec:
                 f"{self.name}: an idempotency key has 1 to {MAX_KEY_LENGTH} characters "
                 f"(got {len(key)}); hash longer natural keys"
             )
-        scope = SCOPE_PREFIX + self.name
+        scope = self.scope_prefix + self.name
         if self.scope is not None:
             scope = f"{scope}:{self.scope(*args, **kwargs)}"
         if len(scope) > MAX_KEY_LENGTH:
@@ -160,12 +172,12 @@ class _Spec:
             bound = self.signature.bind(*args, **kwargs)
             bound.apply_defaults()
             fingerprint = default_fingerprint(bound)
-        return Operation(scope, key, fingerprint, METHOD, self.name)
+        return Operation(scope, key, fingerprint, self.method, self.name)
 
 
-def _key_function(
-    key: str | Callable[..., Any], signature: inspect.Signature
-) -> Callable[..., Any]:
+def key_function(key: str | Callable[..., Any], signature: inspect.Signature) -> Callable[..., Any]:
+    """``key`` as a function of the arguments: a callable as it is, or a parameter's name
+    (``TypeError`` if ``signature`` has no such parameter)."""
     if callable(key):
         return key
     if key not in signature.parameters:
@@ -217,10 +229,10 @@ def idempotent_function(
 
     def decorate(function: F) -> F:
         signature = inspect.signature(function)
-        spec = _Spec(
+        spec = CallSpec(
             name=name or f"{function.__module__}.{function.__qualname__}",
             signature=signature,
-            key=_key_function(key, signature),
+            key=key_function(key, signature),
             scope=scope,
             fingerprint=fingerprint,
             final=tuple(final_exceptions),
@@ -241,7 +253,7 @@ def idempotent_function(
                 # a-methods) come back to that same thread, inside the transaction.
                 def run_sync() -> Any:
                     body = async_to_sync(function)
-                    return _call(spec, body, args, kwargs)
+                    return call_idempotently(spec, body, args, kwargs)
 
                 return await sync_to_async(run_sync, thread_sensitive=True)()
 
@@ -250,7 +262,7 @@ def idempotent_function(
 
         @functools.wraps(function)
         def call(*args: Any, **kwargs: Any) -> Any:
-            return _call(spec, function, args, kwargs)
+            return call_idempotently(spec, function, args, kwargs)
 
         call.idempotency = spec  # type: ignore[attr-defined]
         return call  # type: ignore[return-value]
@@ -265,10 +277,17 @@ class _Raised:
         self.error = error
 
 
-def _call(
-    spec: _Spec, function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+def call_idempotently(
+    spec: CallSpec,
+    function: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    key: Any = None,
 ) -> Any:
-    operation = spec.operation(args, kwargs)
+    """Run ``function(*args, **kwargs)`` under ``spec``: the shared path of idempotent
+    functions and tasks."""
+    operation = spec.operation(args, kwargs, key)
     if operation is None:
         logger.warning("%s called without an idempotency key: running it as it is", spec.name)
         return function(*args, **kwargs)

@@ -295,7 +295,7 @@ def expire(queryset: QuerySet[Any]) -> int:
 
 
 # The record's ``method`` of each entry point that is not an HTTP request.
-ENTRY_POINTS = {"CALL": "function"}
+ENTRY_POINTS = {"CALL": "function", "TASK": "task"}
 
 
 def collect(alias: str) -> dict[str, Any]:
@@ -313,7 +313,7 @@ def collect(alias: str) -> dict[str, Any]:
     executions = by_state.get(IdempotencyRecord.State.COMPLETED, 0)
     expired = records.expired().aggregate(n=Count("pk"), oldest=Min("expires_at"))
     by_method = records.order_by().values_list("method").annotate(n=Count("pk"))
-    by_entry_point = {"http": 0, "function": 0}
+    by_entry_point = {"http": 0, "function": 0, "task": 0}
     for method, n in by_method.values_list("method", "n"):
         by_entry_point[ENTRY_POINTS.get(method, "http")] += n
     return {

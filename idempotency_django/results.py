@@ -19,8 +19,11 @@ from idempotency_django.http import canonical_json
 from idempotency_django.storage.base import StoredResponse
 
 RESULT_HEADER = "Idempotency-Result"
+"""The stored header saying whether the call returned (``return``) or raised (``raise``)."""
 RETURNED_STATUS = 200
+"""The stored status of a returned value."""
 RAISED_STATUS = 400
+"""The stored status of a final exception."""
 
 
 class Serializer(Protocol):
@@ -127,6 +130,7 @@ def raised(error: BaseException) -> StoredResponse:
 
 
 def is_raised(stored: StoredResponse) -> bool:
+    """Whether ``stored`` holds a final exception rather than a returned value."""
     return (RESULT_HEADER, "raise") in stored.headers
 
 

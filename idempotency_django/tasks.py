@@ -1,5 +1,6 @@
-"""Celery task for deleting expired records. Celery is an optional extra
-(``pip install idempotency-django[celery]``); nothing else in the package imports it.
+"""Celery: idempotent tasks (``IdempotentTask``, ``@idempotent_task``) and the task that
+deletes expired records. Celery is an optional extra (``pip install
+idempotency-django[celery]``); nothing else in the package imports it.
 
 Schedule it with Celery beat, for example hourly::
 
@@ -13,12 +14,38 @@ Schedule it with Celery beat, for example hourly::
 
 from __future__ import annotations
 
+import inspect
+import logging
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
+from idempotency_django import results
+from idempotency_django.functions import (
+    USE_SETTING,
+    CallInFlight,
+    CallSpec,
+    call_idempotently,
+    key_function,
+)
+
 try:
-    from celery import shared_task
+    from celery import Task, shared_task
 except ImportError:  # pragma: no cover - exercised by the tox env without Celery
+    Task = None
     shared_task = None
+
+logger = logging.getLogger("idempotency_django")
+
+KEY_HEADER = "idempotency_key"
+"""The message header carrying a task's idempotency key (``apply_async(headers={...})``);
+it wins over the key function and the task id."""
+METHOD = "TASK"
+"""The record's ``method`` for tasks."""
+SCOPE_PREFIX = "task:"
+"""Every task's scope: ``task:<task name>``."""
+IN_FLIGHT_CHOICES = ("retry", "skip", "wait")
+"""What a duplicate that meets an in-flight original may do (``in_flight=``)."""
 
 
 def _delete_expired_records(batch_size: int | None = None, pause: float = 0.0) -> dict[str, Any]:
@@ -45,3 +72,132 @@ if shared_task is not None:
     delete_expired_records = shared_task(
         name="idempotency_django.delete_expired_records", ignore_result=False
     )(_delete_expired_records)
+
+
+def _header_key(request: Any) -> Any:
+    """The key a publisher put in the message headers. Celery hands custom headers to the
+    task as request attributes, and (depending on the protocol and version) also in
+    ``request.headers``."""
+    key = getattr(request, KEY_HEADER, None)
+    if key is None:
+        headers = getattr(request, "headers", None) or {}
+        key = headers.get(KEY_HEADER)
+    return key
+
+
+if Task is not None:
+
+    class IdempotentTask(Task):  # type: ignore[misc]
+        """A task base class: the body runs at most once per key, in one database
+        transaction with the record's completion, and a duplicate or redelivered message
+        returns the stored result without running it. Configure with the class attributes
+        below, or through :func:`idempotent_task`."""
+
+        #: A function of the task's arguments returning its key (used when the message
+        #: carries no ``idempotency_key`` header).
+        idempotency_key: Callable[..., Any] | None = None
+        #: Use the task id as the key when neither header nor key function gives one
+        #: (catches redeliveries of one message, not a second publish of the same work).
+        idempotency_key_from_task_id = False
+        #: A duplicate that meets an in-flight original: ``"retry"`` (``self.retry()`` after
+        #: ``idempotency_retry_countdown`` seconds, at most until the original's lease runs
+        #: out), ``"skip"`` (return ``None`` at once) or ``"wait"`` (wait up to
+        #: ``idempotency_wait_timeout``, then retry).
+        idempotency_in_flight = "retry"
+        idempotency_retry_countdown: float = 5.0
+        idempotency_wait_timeout: timedelta | float | None = None
+        idempotency_ttl: Any = USE_SETTING
+        idempotency_processing_timeout: timedelta | float | None = None
+        idempotency_final_exceptions: tuple[type[BaseException], ...] = ()
+        idempotency_fingerprint: Callable[..., Any] | None = None
+        idempotency_serializer: Any = None
+        idempotency_using: tuple[str, ...] = ()
+
+        _idempotency_spec: CallSpec | None = None
+
+        def idempotency_spec(self) -> CallSpec:
+            """This task's :class:`~idempotency_django.functions.CallSpec`, built once."""
+            if self._idempotency_spec is None or self._idempotency_spec.name != self.name:
+                if self.idempotency_in_flight not in IN_FLIGHT_CHOICES:
+                    raise ValueError(
+                        f"idempotency_in_flight must be one of {IN_FLIGHT_CHOICES}, "
+                        f"not {self.idempotency_in_flight!r}"
+                    )
+                signature = inspect.signature(self.run)
+                key = self.idempotency_key
+                type(self)._idempotency_spec = CallSpec(
+                    name=self.name,
+                    signature=signature,
+                    key=key_function(key, signature) if key else (lambda *a, **k: None),
+                    scope=None,
+                    fingerprint=self.idempotency_fingerprint,
+                    final=tuple(self.idempotency_final_exceptions),
+                    serializer=results.serializer_from(self.idempotency_serializer),
+                    ttl=self.idempotency_ttl,
+                    conflict="wait" if self.idempotency_in_flight == "wait" else "reject",
+                    wait_timeout=self.idempotency_wait_timeout,
+                    processing_timeout=self.idempotency_processing_timeout,
+                    using=tuple(self.idempotency_using),
+                    required=True,
+                    method=METHOD,
+                    scope_prefix=SCOPE_PREFIX,
+                )
+            assert self._idempotency_spec is not None
+            return self._idempotency_spec
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            spec = self.idempotency_spec()
+            key = _header_key(self.request)
+            if key is None and self.idempotency_key is None and self.idempotency_key_from_task_id:
+                key = self.request.id
+            run = super().__call__
+            try:
+                return call_idempotently(spec, run, args, kwargs, key=key)
+            except CallInFlight as busy:
+                if self.idempotency_in_flight == "skip":
+                    logger.info("task %s: key %r in flight, skipped", self.name, busy.key)
+                    return None
+                # The original is running (or its worker died and its lease has yet to run
+                # out): try again later; by then it completed (a replay) or can be taken over.
+                left = busy.retry_after.total_seconds() if busy.retry_after else 0.0
+                countdown = max(0.1, min(self.idempotency_retry_countdown, left))
+                raise self.retry(countdown=countdown, exc=busy) from None
+
+    def idempotent_task(
+        *,
+        key: str | Callable[..., Any] | None = None,
+        key_from_task_id: bool = False,
+        in_flight: str = "retry",
+        retry_countdown: float = 5.0,
+        wait_timeout: timedelta | float | None = None,
+        ttl: Any = USE_SETTING,
+        processing_timeout: timedelta | float | None = None,
+        final_exceptions: tuple[type[BaseException], ...] = (),
+        fingerprint: Callable[..., Any] | None = None,
+        serializer: Any = None,
+        using: tuple[str, ...] = (),
+        **options: Any,
+    ) -> Callable[[Callable[..., Any]], Any]:
+        """``shared_task`` with :class:`IdempotentTask` as its base. ``key``: a parameter name
+        or a function of the task's arguments; a message header ``idempotency_key`` wins
+        over it; ``key_from_task_id`` falls back to the task id. The other arguments set the
+        ``idempotency_*`` attributes of the same names; ``options`` go to ``shared_task``
+        (``name``, ``acks_late``, ``bind``, ...)."""
+        if in_flight not in IN_FLIGHT_CHOICES:
+            raise ValueError(f"in_flight must be one of {IN_FLIGHT_CHOICES}, not {in_flight!r}")
+        attributes = {
+            # staticmethod: a function stored on the task class must not become a method.
+            "idempotency_key": staticmethod(key) if callable(key) else key,
+            "idempotency_key_from_task_id": key_from_task_id,
+            "idempotency_in_flight": in_flight,
+            "idempotency_retry_countdown": retry_countdown,
+            "idempotency_wait_timeout": wait_timeout,
+            "idempotency_ttl": ttl,
+            "idempotency_processing_timeout": processing_timeout,
+            "idempotency_final_exceptions": tuple(final_exceptions),
+            "idempotency_fingerprint": staticmethod(fingerprint) if fingerprint else None,
+            "idempotency_serializer": serializer,
+            "idempotency_using": tuple(using),
+        }
+        options.setdefault("base", IdempotentTask)
+        return shared_task(**options, **attributes)  # type: ignore[no-any-return]

@@ -159,8 +159,18 @@ if os.environ.get("IDEMPOTENCY_TEST_CONN_MAX_AGE"):
 
 # Celery, for the end-to-end cleanup test (tests/celery_app.py). Redis db 15, test-only.
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
-CELERY_RESULT_BACKEND = CELERY_BROKER_URL
+CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND", CELERY_BROKER_URL)
 CELERY_TASK_ALWAYS_EAGER = False
+# The idempotent-task tests (tests/test_celery_tasks.py) give each run a queue of its own, and
+# a short visibility timeout so that Redis redelivers a dead worker's message in seconds.
+CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_TASK_DEFAULT_QUEUE", "celery")
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": int(os.environ.get("CELERY_VISIBILITY_TIMEOUT", "3600")),
+    # Redis: look for messages of dead workers every second (kombu's default is ~100 s).
+    "unacked_restore_interval": 1,
+    "unacked_restore_throttle": 1,
+}
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BEAT_SCHEDULE = {
     "idempotency-cleanup": {
         "task": "idempotency_django.delete_expired_records",

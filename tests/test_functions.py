@@ -338,7 +338,7 @@ def test_stats_count_function_calls_apart_from_http_requests():
     charge("order-1", 500)
     receipt("r-1", 1)
     stats = maintenance.collect("default")
-    assert stats["by_entry_point"] == {"function": 2, "http": 0}
+    assert stats["by_entry_point"] == {"function": 2, "http": 0, "task": 0}
 
 
 # -- async -----------------------------------------------------------------------------------

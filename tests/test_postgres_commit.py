@@ -1,8 +1,10 @@
 """On PostgreSQL in autocommit mode the claim (and the counters) commit without waiting for
-the disk (``synchronous_commit = off`` for that statement's own transaction only). What must
-hold for that to be safe: the handler's transaction, which completes the record, commits as
-the connection is configured, and no setting is left on the connection (a
-transaction-pooling PgBouncer hands it to someone else next)."""
+the disk (``synchronous_commit = off`` for that statement's own transaction only;
+``ASYNC_CLAIM_COMMIT``). What must hold for that to be safe: only those statements carry it,
+never a statement of a transaction the handler's writes belong to (ATOMIC_REQUESTS); the
+handler's transaction, which completes the record, commits as the connection is configured;
+and no setting is left on the connection (a transaction-pooling PgBouncer hands it to
+someone else next)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import json
 
 import pytest
 from django.db import connection
+from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 from django.urls import path
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -18,6 +22,8 @@ from rest_framework.views import APIView
 
 from idempotency_django.mixins import IdempotentMixin
 from tests.testapp.models import Payment
+
+ASYNCHRONOUS = "set_config('synchronous_commit', 'off', true)"
 
 pytestmark = [
     pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's commit modes"),
@@ -82,3 +88,29 @@ def test_nothing_is_left_on_the_connection_after_a_claim_and_a_count():
     assert _post("commit-3")[0] == 201
     assert _post("commit-3")[0] == 201  # replayed, and counted after the answer
     assert _setting("synchronous_commit") == "on"
+
+
+def _statements_with_the_asynchronous_commit(key: str) -> list[str]:
+    with CaptureQueriesContext(connection) as queries:
+        assert _post(key)[0] == 201
+        assert _post(key)[0] == 201  # the replay, and its counter after the answer
+    return [query["sql"].split()[0] for query in queries if ASYNCHRONOUS in query["sql"]]
+
+
+def test_in_autocommit_mode_the_claim_and_the_counter_commit_asynchronously():
+    assert _statements_with_the_asynchronous_commit("commit-4") == ["INSERT", "INSERT"]
+
+
+@pytest.mark.usefixtures("atomic_requests")
+def test_under_atomic_requests_no_statement_commits_asynchronously():
+    # The claim is part of the request's transaction, with the business writes and the
+    # completion; only the counter, written after that transaction ended, is its own.
+    statements = _statements_with_the_asynchronous_commit("commit-5")
+    assert statements == ["INSERT"]
+    assert Payment.objects.filter(reference="commit-5").count() == 1
+
+
+@override_settings(IDEMPOTENCY={"ASYNC_CLAIM_COMMIT": False})
+def test_async_claim_commit_false_commits_everything_synchronously():
+    assert _statements_with_the_asynchronous_commit("commit-6") == []
+    assert Payment.objects.filter(reference="commit-6").count() == 1

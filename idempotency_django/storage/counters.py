@@ -17,6 +17,7 @@ from typing import Any
 from django.db import DatabaseError, connections, transaction
 from django.utils import timezone
 
+from idempotency_django.conf import idempotency_settings
 from idempotency_django.models import IdempotencyCounter
 from idempotency_django.storage import postgres
 from idempotency_django.storage.base import Claim, ClaimOutcome
@@ -77,7 +78,8 @@ def _increment(
         f"INSERT INTO {table} ({', '.join(quote(column) for column in columns)})"
         f" VALUES (%s, %s, 1, %s{zeros}) {conflict} {', '.join(assignments)}"
     )
-    if vendor == "postgresql" and connection.get_autocommit() and not in_transaction:
+    asynchronous = vendor == "postgresql" and idempotency_settings.ASYNC_CLAIM_COMMIT
+    if asynchronous and connection.get_autocommit() and not in_transaction:
         # Its own transaction: a count need not wait for the disk (see postgres.insert_claim).
         text += f" RETURNING {postgres.ASYNCHRONOUS_COMMIT}"
     params: list[Any] = [claim.record_id, lifetime, when]

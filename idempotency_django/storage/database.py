@@ -29,6 +29,7 @@ from django.db import DatabaseError, IntegrityError, connections, router, transa
 from django.db.models import Q
 from django.utils import timezone
 
+from idempotency_django.conf import idempotency_settings
 from idempotency_django.models import IdempotencyRecord
 from idempotency_django.storage import counters, postgres, sql
 from idempotency_django.storage.base import (
@@ -339,7 +340,8 @@ class DatabaseStorage(BaseStorage):
         connection = connections[self.alias]
         if self._autocommit_postgresql():
             # One INSERT ... ON CONFLICT DO NOTHING: a lost race returns no row.
-            inserted = postgres.insert_claim(connection, values)
+            asynchronous = bool(idempotency_settings.ASYNC_CLAIM_COMMIT)
+            inserted = postgres.insert_claim(connection, values, asynchronous=asynchronous)
             if inserted is None:
                 return None
             version = inserted[1] if postgres.serializable(connection) else None

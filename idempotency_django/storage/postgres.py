@@ -59,29 +59,34 @@ def _insert(quote: Any, names: list[str], placeholders: tuple[str, ...], returni
 ASYNCHRONOUS_COMMIT = "set_config('synchronous_commit', 'off', true)"
 
 
-def insert_claim(connection: Any, values: dict[str, Any]) -> tuple[int, str] | None:
+def insert_claim(
+    connection: Any, values: dict[str, Any], *, asynchronous: bool = True
+) -> tuple[int, str] | None:
     """In autocommit mode: claim the key with one ``INSERT ... ON CONFLICT DO NOTHING``,
     which commits by itself. ``(id, ctid)``, or ``None`` when a record holds the key (a lost
     race returns no row instead of raising).
 
-    The claim commits asynchronously (``synchronous_commit = off`` for its own transaction):
-    it is visible to every other request at once, as any commit is; only its flush to disk is
-    not waited for, which halves the statement's time (``make bench-statements``). A server
-    crash can lose it only together with everything after it in the write-ahead log, and the
-    work's transaction, which completes the record, comes later and commits synchronously:
-    a completed record implies its claim, and a lost claim means nothing was completed, so a
-    retry runs the operation as if it had never arrived. It is a lock, not a result."""
+    With ``asynchronous`` (the ``ASYNC_CLAIM_COMMIT`` setting) the claim commits with
+    ``synchronous_commit = off`` for its own transaction: it is visible to every other request
+    at once, as any commit is; only the flush to disk (and the wait for synchronous standbys)
+    is skipped, which cuts the statement's time by about 40% (``make bench-statements``). A
+    server crash or a failover can lose it only together with everything after it in the
+    write-ahead log, and the work's transaction, which completes the record, comes later and
+    commits as configured: a completed record implies its claim, and a lost claim means
+    nothing was completed, so a retry runs the operation as if it had never arrived."""
     placeholders, params = sql.prepared(values, connection)
+    commit = f", {ASYNCHRONOUS_COMMIT}" if asynchronous else ""
     text = sql.statement(
         connection,
         "claim",
         tuple(placeholders),
+        commit,
         build=lambda quote: (
             f"INSERT INTO {quote(IdempotencyRecord._meta.db_table)} "
             f"({', '.join(quote(sql.column(name)) for name in values)}) "
             f"VALUES ({', '.join(placeholders)}) "
             f"ON CONFLICT ({quote(sql.column('scope'))}, {quote(sql.column('key'))}) "
-            f"DO NOTHING RETURNING {quote(sql.column('id'))}, ctid::text, {ASYNCHRONOUS_COMMIT}"
+            f"DO NOTHING RETURNING {quote(sql.column('id'))}, ctid::text{commit}"
         ),
     )
     with connection.cursor() as cursor:
