@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test reliability test-isolation test-celery test-sqlite test-postgres test-mariadb lint typecheck docs tox clean bench bench-cleanup bench-statements
+.PHONY: demo test reliability test-isolation test-celery test-sqlite test-postgres test-mariadb lint typecheck docs tox clean bench bench-cleanup bench-statements bench-tasks
 
 # pytest exits with 5 when it collected no tests (a -k/-m that selects nothing): not a failure.
 PYTEST := $(BIN)/python -m pytest -q
@@ -83,6 +83,11 @@ bench: $(STAMP)
 ## bench-cleanup: batched cleanup vs plain DELETE on PostgreSQL (writes docs/benchmarks.md).
 bench-cleanup: $(STAMP)
 	$(BIN)/python benchmarks/cleanup.py
+
+## bench-tasks: an idempotent Celery task beside a plain one, through a real worker on Redis,
+## records on PostgreSQL (prints ratios; figures kept in docs/benchmarks.md).
+bench-tasks: $(STAMP)
+	$(BIN)/python benchmarks/tasks.py
 
 ## bench-statements: each hand-written SQL statement of the database storage beside its ORM
 ## form, on PostgreSQL (prints ratios; figures kept in docs/benchmarks.md).

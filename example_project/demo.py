@@ -28,8 +28,19 @@ USER, PASSWORD = "demo", "demo-password"
 AUTH = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 
 
+# Tasks run in the web process: the demo needs no broker and no worker.
+ENV = {**os.environ, "CELERY_TASK_ALWAYS_EAGER": "1"}
+
+
 def manage(*args: str) -> None:
-    subprocess.run([sys.executable, "manage.py", *args], cwd=HERE, check=True)
+    subprocess.run([sys.executable, "manage.py", *args], cwd=HERE, check=True, env=ENV)
+
+
+def manage_output(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=HERE, check=True, env=ENV, capture_output=True
+    )
+    return done.stdout.decode().strip()
 
 
 def setup() -> None:
@@ -56,6 +67,7 @@ def start_server() -> subprocess.Popen[bytes]:
     server = subprocess.Popen(
         [sys.executable, "manage.py", "runserver", f"127.0.0.1:{PORT}", "--noreload"],
         cwd=HERE,
+        env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -180,6 +192,38 @@ def tour() -> None:
         {201},
         replayed=True,
     )
+
+    event = {"event_id": f"evt_{uuid.uuid4().hex[:12]}", "transfer": transfer_id}
+    settled = call("POST", "/api/webhooks/transfer-settled/", event)
+    show("8.1 the provider's webhook: transfer settled (no Idempotency-Key)", settled, {200})
+    again = call("POST", "/api/webhooks/transfer-settled/", event)
+    show("8.2 the provider delivers the event again", again, {200})
+    if again[2] != settled[2]:
+        failures.append("the redelivered webhook got another answer")
+    # The receipt task is delivered again (as Celery does after a lost worker): it returns the
+    # stored result and sends no second receipt.
+    redelivered = manage_output(
+        "shell",
+        "--verbosity",
+        "0",
+        "--command",
+        f"from payments.tasks import send_receipt; print(send_receipt.delay({transfer_id}).get())",
+    )
+    print(f"\nok  8.3 the receipt task delivered again -> {redelivered}")
+    receipts = int(
+        manage_output(
+            "shell",
+            "--verbosity",
+            "0",
+            "--command",
+            f"from payments.models import Receipt; "
+            f"print(Receipt.objects.filter(transfer={transfer_id}).count())",
+        )
+    )
+    if receipts != 1:
+        failures.append(f"{receipts} receipts for one settled transfer")
+    else:
+        print("One receipt for the settled transfer.")
 
     final = balances()
     print(f"\nFinal balances (cents): {final}")

@@ -43,7 +43,8 @@ class JSONSerializer:
 
     def dumps(self, value: Any) -> bytes:
         kind, name, data = _envelope(value)
-        return canonical_json({"kind": kind, "type": name, "value": data})
+        # Not canonical: a dict's keys keep their order, as the caller built it.
+        return json.dumps({"kind": kind, "type": name, "value": data}).encode()
 
     def loads(self, data: bytes) -> Any:
         document = json.loads(data)

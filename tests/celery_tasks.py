@@ -54,3 +54,16 @@ def charge(
 def redelivered(reference: str) -> str:
     Payment.objects.create(reference=reference, amount=1)
     return reference
+
+
+@idempotent_task(
+    name="tests.charge_or_skip",
+    key="reference",
+    in_flight="skip",
+    processing_timeout=LEASE,
+    acks_late=True,
+)
+def charge_or_skip(reference: str, amount: int, sleep: float = 0.0) -> dict[str, Any]:
+    Payment.objects.create(reference=reference, amount=amount)
+    time.sleep(sleep)
+    return {"reference": reference, "amount": amount}

@@ -217,6 +217,19 @@ def test_two_workers_receiving_duplicates_at_once_commit_one_effect(workers):
     assert payments("pair") == 1
 
 
+def test_in_skip_mode_a_duplicate_meeting_the_running_original_returns_none(workers):
+    workers.start("a")
+    workers.start("b")
+    original = workers.send("tests.charge_or_skip", "skip", 100, 2.0)
+    deadline = time.monotonic() + 30
+    while not IdempotencyRecord.objects.filter(key="skip").exists():
+        assert time.monotonic() < deadline, workers.logs()
+        time.sleep(0.05)
+    duplicate = workers.send("tests.charge_or_skip", "skip", 100, 2.0)
+    assert _results([duplicate, original], workers) == [None, {"reference": "skip", "amount": 100}]
+    assert payments("skip") == 1
+
+
 def test_the_task_id_is_the_key_for_a_redelivered_message_when_asked(workers):
     workers.start("one")
     task_id = str(uuid.uuid4())

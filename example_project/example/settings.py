@@ -4,8 +4,9 @@ SQLite by default, no server needed. Environment:
 
 * ``DATABASE_URL`` (e.g. ``postgres://postgres@127.0.0.1:5432/payments``): use that
   database instead (parsed by dj-database-url).
-* ``CELERY_BROKER_URL`` (default ``redis://127.0.0.1:6379/0``): the broker for the cleanup
-  task scheduled below (``celery -A example worker --beat``).
+* ``CELERY_BROKER_URL`` (default ``redis://127.0.0.1:6379/0``): the broker for the receipt
+  task and the cleanup task scheduled below (``celery -A example worker --beat``).
+* ``CELERY_TASK_ALWAYS_EAGER=1``: run tasks in the web process instead (the demo does).
 """
 
 import os
@@ -84,6 +85,8 @@ SPECTACULAR_SETTINGS = {
 }
 
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+# The demo runs tasks in the web process (no broker, no worker); a deployment runs a worker.
+CELERY_TASK_ALWAYS_EAGER = os.environ.get("CELERY_TASK_ALWAYS_EAGER") == "1"
 CELERY_BEAT_SCHEDULE = {
     "idempotency-cleanup": {
         "task": "idempotency_django.delete_expired_records",

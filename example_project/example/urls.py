@@ -13,6 +13,7 @@ urlpatterns = [
     path("api/", include(router.urls)),
     path("api/deposit/", views.deposit),
     path("api/withdraw/", views.withdraw),
+    path("api/webhooks/transfer-settled/", views.transfer_settled_webhook),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema")),
 ]

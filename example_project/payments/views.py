@@ -3,6 +3,7 @@
 import json
 import time
 
+from django.db import transaction
 from django.db.models import F
 from django.http import JsonResponse
 from django.shortcuts import get_object_or_404
@@ -15,8 +16,10 @@ from rest_framework.exceptions import APIException
 from rest_framework.response import Response
 
 from idempotency_django.decorators import idempotent
+from idempotency_django.functions import idempotent_function
 from idempotency_django.mixins import IdempotentMixin
 from payments.models import Account, Transfer
+from payments.tasks import send_receipt
 
 
 class ProviderFailed(APIException):
@@ -133,3 +136,28 @@ def withdraw(request):
     Account.objects.filter(pk=account.pk).update(balance=F("balance") - amount)
     account.refresh_from_db()
     return JsonResponse({"account": account.pk, "balance": account.balance}, status=201)
+
+
+@idempotent_function(key="event_id")
+def settle(event_id: str, transfer_id: int) -> dict:
+    """Handle a provider's "transfer settled" event once per event id: mark the transfer
+    settled and, once that has committed, enqueue the receipt."""
+    updated = Transfer.objects.filter(pk=transfer_id).update(settled=True)
+    if updated:
+        transaction.on_commit(lambda: send_receipt.delay(transfer_id))
+    return {"event": event_id, "transfer": transfer_id, "settled": bool(updated)}
+
+
+@csrf_exempt
+@require_POST
+def transfer_settled_webhook(request):
+    """POST /api/webhooks/transfer-settled/ {"event_id": "evt_...", "transfer": id}: a
+    payment provider's webhook. Providers send no Idempotency-Key header and retry until they
+    get a 2xx, so the event id is the key: a redelivered event gets the stored answer and
+    changes nothing."""
+    try:
+        event = json.loads(request.body or b"{}")
+        event_id, transfer_id = str(event["event_id"]), int(event["transfer"])
+    except (ValueError, TypeError, KeyError):
+        return JsonResponse({"detail": 'send {"event_id": "...", "transfer": id}'}, status=400)
+    return JsonResponse(settle(event_id, transfer_id))
