@@ -65,6 +65,26 @@ class StatusClassFilter(admin.SimpleListFilter):
         return queryset
 
 
+class EntryPointFilter(admin.SimpleListFilter):
+    """HTTP requests, idempotent function calls (method ``CALL``) or Celery tasks
+    (``TASK``)."""
+
+    title = _("entry point")
+    parameter_name = "entry_point"
+    OTHER_METHODS = {"function": "CALL", "task": "TASK"}
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        return [("http", _("HTTP request")), ("function", _("function")), ("task", _("task"))]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        if value == "http":
+            return queryset.exclude(method__in=self.OTHER_METHODS.values())
+        if value in self.OTHER_METHODS:
+            return queryset.filter(method=self.OTHER_METHODS[value])
+        return queryset
+
+
 class ExpiryFilter(admin.SimpleListFilter):
     title = _("expiry")
     parameter_name = "expiry"
@@ -104,7 +124,7 @@ class IdempotencyRecordAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "created_at",
         "expires_at",
     )
-    list_filter = ("state", StatusClassFilter, "method", ExpiryFilter)
+    list_filter = ("state", EntryPointFilter, StatusClassFilter, "method", ExpiryFilter)
     search_fields = ("=key", "=scope", "path")
     date_hierarchy = "created_at"
     paginator = EstimatedCountPaginator

@@ -82,14 +82,17 @@ def test_change_page_shows_all_four_counters(admin_client):
     ("query", "expected"),
     [
         ("state__exact=processing", {"busy"}),
-        ("state__exact=completed", {"ok", "bad", "old"}),
-        ("status_class=2", {"ok", "old"}),
-        ("status_class=4", {"bad"}),
+        ("state__exact=completed", {"ok", "bad", "old", "call", "task"}),
+        ("status_class=2", {"ok", "old", "call"}),
+        ("status_class=4", {"bad", "task"}),
         ("method__exact=PATCH", {"bad"}),
         ("expiry=expired", {"old"}),
-        ("expiry=live", {"ok", "bad", "busy"}),
+        ("expiry=live", {"ok", "bad", "busy", "call", "task"}),
         ("q=bad", {"bad"}),
         ("q=%2Forders%2F", {"old"}),
+        ("entry_point=http", {"ok", "bad", "busy", "old"}),
+        ("entry_point=function", {"call"}),
+        ("entry_point=task", {"task"}),
     ],
 )
 def test_changelist_filters_and_search(admin_client, query, expected):
@@ -99,6 +102,8 @@ def test_changelist_filters_and_search(admin_client, query, expected):
     IdempotencyRecordFactory(
         key="old", path="/orders/", expires_at=timezone.now() - timedelta(seconds=1)
     )
+    IdempotencyRecordFactory(key="call", method="CALL", path="billing.charge", response_status=200)
+    IdempotencyRecordFactory(key="task", method="TASK", path="billing.receipt", response_status=400)
     response = admin_client.get(f"{CHANGELIST}?{query}")
     assert response.status_code == 200
     shown = {record.key for record in response.context["cl"].result_list}
