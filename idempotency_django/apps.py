@@ -15,3 +15,6 @@ class IdempotencyConfig(AppConfig):
         from idempotency_django.checks import check_settings
 
         checks.register(check_settings)
+        # With the Celery extra installed, tasks published inside an operation carry a key
+        # derived from it (idempotency_django.tasks connects the publish hook).
+        import idempotency_django.tasks  # noqa: F401

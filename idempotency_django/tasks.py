@@ -21,6 +21,7 @@ from datetime import timedelta
 from typing import Any
 
 from idempotency_django import results
+from idempotency_django.context import current_operation
 from idempotency_django.functions import (
     USE_SETTING,
     CallInFlight,
@@ -30,7 +31,8 @@ from idempotency_django.functions import (
 )
 
 try:
-    from celery import Task, shared_task
+    from celery import Task, current_app, shared_task
+    from celery.signals import before_task_publish
 except ImportError:  # pragma: no cover - exercised by the tox env without Celery
     Task = None
     shared_task = None
@@ -86,6 +88,24 @@ def _header_key(request: Any) -> Any:
 
 
 if Task is not None:
+
+    def propagate_key(sender: str | None = None, headers: Any = None, **_: Any) -> None:
+        """Inside an operation, a published task carries a key derived from it in its
+        ``idempotency_key`` header (``celery:<task name>#<n>``, the n-th publish of that task
+        in the operation), so an :class:`IdempotentTask` deduplicates the message however
+        often the operation is retried. A header the publisher set wins; a task with
+        ``idempotency_propagate = False`` gets none."""
+        operation = current_operation()
+        if operation is None or headers is None or KEY_HEADER in headers:
+            return
+        task = current_app.tasks.get(sender) if sender else None
+        if task is not None and not getattr(task, "idempotency_propagate", True):
+            return
+        headers[KEY_HEADER] = operation.next_key(f"celery:{sender}")
+
+    before_task_publish.connect(
+        propagate_key, weak=False, dispatch_uid="idempotency_django.propagate_key"
+    )
 
     class IdempotentTask(Task):  # type: ignore[misc]
         """A task base class: the body runs at most once per key, in one database

@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 from idempotency_django.conf import idempotency_settings
+from idempotency_django.context import running
 from idempotency_django.storage import BaseStorage, Claim, ClaimOutcome, get_storage
 from idempotency_django.storage.base import Operation, StoredResponse, WorkAborted
 
@@ -168,7 +169,9 @@ def _execute(
     unit = storage.unit_of_work(policy.using)
     completed_inside = storage.joins_transaction
     try:
-        with unit:
+        # The operation is current for the work and for the on_commit callbacks it registers
+        # (they run as the unit's transaction commits, inside this block).
+        with running(claim.scope, claim.key), unit:
             result = work()
             if result.stored is None:
                 raise _NotFinal(result)
