@@ -51,6 +51,10 @@ DEFAULTS: dict[str, Any] = {
     # PostgreSQL in autocommit mode: claims and counters commit without waiting for the disk
     # or synchronous standbys (the work's transaction always commits as configured).
     "ASYNC_CLAIM_COMMIT": True,
+    # Outgoing HTTP calls made inside an operation (idempotency_django.outgoing): the methods
+    # that get a derived key, and the header it goes in.
+    "OUTGOING_METHODS": ["POST", "PATCH"],
+    "OUTGOING_HEADER": "Idempotency-Key",
 }
 
 # Settings holding a dotted path that is imported on first access.
