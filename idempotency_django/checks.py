@@ -26,8 +26,9 @@ from idempotency_django.conf import (
 
 _DOC = "See the configuration reference in the idempotency_django documentation."
 
-_BOOLS = ("REQUIRED",)
-_HEADER_NAMES = ("HEADER", "REPLAY_HEADER")
+_BOOLS = ("REQUIRED", "ASYNC_CLAIM_COMMIT")
+_HEADER_NAMES = ("HEADER", "REPLAY_HEADER", "OUTGOING_HEADER")
+_KEY_SOURCES = ("client", "server", "either")
 _TOKEN_CHARS = set("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
@@ -106,7 +107,9 @@ def _type_problem(name: str, value: Any) -> str | None:
         not isinstance(value, str) or not value or set(value) - _TOKEN_CHARS
     ):
         return "must be an HTTP header name."
-    if name == "METHODS" and (
+    if name == "KEY_SOURCE" and value not in _KEY_SOURCES:
+        return f"must be one of {', '.join(map(repr, _KEY_SOURCES))}."
+    if name in ("METHODS", "OUTGOING_METHODS") and (
         isinstance(value, str)
         or not isinstance(value, (list, tuple, set, frozenset))
         or not all(isinstance(method, str) and method for method in value)

@@ -55,13 +55,18 @@ DEFAULTS: dict[str, Any] = {
     # that get a derived key, and the header it goes in.
     "OUTGOING_METHODS": ["POST", "PATCH"],
     "OUTGOING_HEADER": "Idempotency-Key",
+    # Which keys a view accepts: "client" (any), "server" (only keys this server issued to
+    # the caller's scope: idempotency_django.issued) or "either".
+    "KEY_SOURCE": "client",
+    # How long an issued key is accepted after it was issued (its first use and retries).
+    "ISSUED_KEY_MAX_AGE": timedelta(hours=24),
 }
 
 # Settings holding a dotted path that is imported on first access.
 IMPORT_STRINGS = ("SCOPE", "FINGERPRINT", "STORAGE")
 
 # Settings given as a duration: a timedelta or a number of seconds.
-DURATIONS = ("TTL", "PROCESSING_TIMEOUT", "WAIT_TIMEOUT")
+DURATIONS = ("TTL", "PROCESSING_TIMEOUT", "WAIT_TIMEOUT", "ISSUED_KEY_MAX_AGE")
 
 CONFLICT_CHOICES = ("reject", "wait")
 

@@ -32,6 +32,7 @@ def idempotent(
     ttl: timedelta | float | None = USE_SETTING,
     conflict: str | None = None,
     using: Sequence[str] | None = None,
+    key_source: str | None = None,
 ) -> Callable[[F], F]: ...
 
 
@@ -43,6 +44,7 @@ def idempotent(
     ttl: timedelta | float | None = USE_SETTING,
     conflict: str | None = None,
     using: Sequence[str] | None = None,
+    key_source: str | None = None,
 ) -> F | Callable[[F], F]:
     """Make a view honour the ``Idempotency-Key`` header.
 
@@ -57,9 +59,17 @@ def idempotent(
     middleware (so ``request.user`` is set). Keyword arguments override the settings for
     this view; omitted ones use the ``IDEMPOTENCY`` setting (``ttl=None`` keeps forever).
     ``using`` lists further database aliases the view writes to, joined into its
-    transaction (see :class:`~idempotency_django.mixins.IdempotentMixin`).
+    transaction (see :class:`~idempotency_django.mixins.IdempotentMixin`); ``key_source``
+    which keys it accepts (``"client"``, ``"server"``, ``"either"``; see docs/keys.md).
     """
-    options = Options(methods=methods, required=required, ttl=ttl, conflict=conflict, using=using)
+    options = Options(
+        methods=methods,
+        required=required,
+        ttl=ttl,
+        conflict=conflict,
+        using=using,
+        key_source=key_source,
+    )
 
     def decorate(view_func: F) -> F:
         view_class = getattr(view_func, "cls", None) or getattr(view_func, "view_class", None)

@@ -19,7 +19,7 @@ from django.db import transaction
 from django.http import HttpRequest, HttpResponseBase
 from django.http.request import RawPostDataException
 
-from idempotency_django import http, signals
+from idempotency_django import http, issued, signals
 from idempotency_django.conf import idempotency_settings, to_timedelta
 from idempotency_django.core import Answer, Operation, Outcome, Policy, Result, ResultTooLarge
 from idempotency_django.core import perform as perform_operation
@@ -47,6 +47,7 @@ class Options:
     ttl: timedelta | float | None = USE_SETTING
     conflict: str | None = None
     using: Sequence[str] | None = None
+    key_source: str | None = None
 
     def resolved_methods(self) -> frozenset[str]:
         methods = self.methods if self.methods is not None else idempotency_settings.METHODS
@@ -60,6 +61,9 @@ class Options:
 
     def resolved_conflict(self) -> str:
         return str(self.conflict or idempotency_settings.CONFLICT)
+
+    def resolved_key_source(self) -> str:
+        return str(self.key_source or idempotency_settings.KEY_SOURCE)
 
     def policy(self) -> Policy:
         """The engine's policy for a request to this view."""
@@ -114,8 +118,11 @@ def run(request: Any, call: Callable[[], HttpResponseBase], options: Options) ->
                 header = idempotency_settings.HEADER
                 raise http.KeyMissing(f"This endpoint requires an {header} header.")
             return call()
+        scope = http.scope(request)
+        if options.resolved_key_source() == "server":
+            _check_issued(scope, key)
         operation = Operation(
-            scope=http.scope(request),
+            scope=scope,
             key=key,
             fingerprint=http.fingerprint(request, request_body(request)),
             method=method,
@@ -146,6 +153,18 @@ def run(request: Any, call: Callable[[], HttpResponseBase], options: Options) ->
     if answer.outcome is Outcome.EXECUTED:
         _maybe_clean_up(storage)
     return response
+
+
+def _check_issued(scope: str, key: str) -> None:
+    """Raise ``KeyUnknown`` unless this server issued ``key`` to ``scope``. A key past
+    ``ISSUED_KEY_MAX_AGE`` still replays the response it already has: the retry of an
+    operation that completed is never refused."""
+    try:
+        issued.verify(scope, key)
+    except issued.Unknown as unknown:
+        if unknown.expired and get_storage().lookup(scope, key) is not None:
+            return
+        raise http.KeyUnknown(str(unknown)) from None
 
 
 def _unit_of_work(call: Callable[[], HttpResponseBase]) -> Callable[[], Result]:

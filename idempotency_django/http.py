@@ -83,6 +83,12 @@ class KeyInvalid(IdempotencyError):
     title = "Idempotency-Key header invalid"
 
 
+class KeyUnknown(IdempotencyError):
+    # Only keys this server issued to the caller are accepted here (KEY_SOURCE = "server").
+    code = "idempotency_key_unknown"
+    title = "Idempotency-Key not issued by this server"
+
+
 class KeyInUse(IdempotencyError):
     # draft-ietf-httpapi-idempotency-key-header section 2.7: a request still being
     # processed is answered 409 Conflict.

@@ -38,6 +38,9 @@ class IdempotentMixin:
     idempotency_conflict: str | None = None
     #: Further database aliases the handler writes to, joined into its transaction.
     idempotency_using: Sequence[str] | None = None
+    #: Which keys this view accepts: "client", "server" (only keys issued by this server to
+    #: the caller) or "either"; None uses the KEY_SOURCE setting.
+    idempotency_key_source: str | None = None
 
     def get_idempotency_methods(self) -> Sequence[str] | None:
         return self.idempotency_methods
@@ -54,6 +57,9 @@ class IdempotentMixin:
     def get_idempotency_using(self) -> Sequence[str] | None:
         return self.idempotency_using
 
+    def get_idempotency_key_source(self) -> str | None:
+        return self.idempotency_key_source
+
     def get_idempotency_options(self) -> Options:
         return Options(
             methods=self.get_idempotency_methods(),
@@ -61,6 +67,7 @@ class IdempotentMixin:
             ttl=self.get_idempotency_ttl(),
             conflict=self.get_idempotency_conflict(),
             using=self.get_idempotency_using(),
+            key_source=self.get_idempotency_key_source(),
         )
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:

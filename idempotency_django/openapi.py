@@ -35,6 +35,7 @@ PROBLEM_SCHEMA: dict[str, Any] = {
             "enum": [
                 "idempotency_key_missing",
                 "idempotency_key_invalid",
+                "idempotency_key_unknown",
                 "idempotency_key_in_use",
                 "idempotency_key_mismatch",
             ],
@@ -100,7 +101,12 @@ class IdempotencySchemaMixin:
         if idempotency_options(self.view, self.method) is None:
             return responses
         for error, description in (
-            (KeyInvalid, "The Idempotency-Key header is missing (when required) or malformed."),
+            (
+                KeyInvalid,
+                "The Idempotency-Key header is missing (when required) or malformed, or (for "
+                "views accepting only server-issued keys) not issued by this server to the "
+                "caller.",
+            ),
             (KeyInUse, "A request with this key is still being processed; see Retry-After."),
             (KeyMismatch, "This key was already used with a different request."),
         ):
