@@ -15,6 +15,7 @@ from rest_framework.views import APIView
 
 from idempotency_django import drf, http
 from idempotency_django.execution import USE_SETTING, Options, run
+from idempotency_django.natural import NaturalKey
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -33,6 +34,7 @@ def idempotent(
     conflict: str | None = None,
     using: Sequence[str] | None = None,
     key_source: str | None = None,
+    natural_key: NaturalKey | None = None,
 ) -> Callable[[F], F]: ...
 
 
@@ -45,6 +47,7 @@ def idempotent(
     conflict: str | None = None,
     using: Sequence[str] | None = None,
     key_source: str | None = None,
+    natural_key: NaturalKey | None = None,
 ) -> F | Callable[[F], F]:
     """Make a view honour the ``Idempotency-Key`` header.
 
@@ -60,7 +63,9 @@ def idempotent(
     this view; omitted ones use the ``IDEMPOTENCY`` setting (``ttl=None`` keeps forever).
     ``using`` lists further database aliases the view writes to, joined into its
     transaction (see :class:`~idempotency_django.mixins.IdempotentMixin`); ``key_source``
-    which keys it accepts (``"client"``, ``"server"``, ``"either"``; see docs/keys.md).
+    which keys it accepts (``"client"``, ``"server"``, ``"either"``; see docs/keys.md);
+    ``natural_key`` a :class:`~idempotency_django.natural.NaturalKey` deriving the key from
+    the request.
     """
     options = Options(
         methods=methods,
@@ -69,6 +74,7 @@ def idempotent(
         conflict=conflict,
         using=using,
         key_source=key_source,
+        natural_key=natural_key,
     )
 
     def decorate(view_func: F) -> F:

@@ -24,6 +24,7 @@ from idempotency_django.conf import idempotency_settings, to_timedelta
 from idempotency_django.core import Answer, Operation, Outcome, Policy, Result, ResultTooLarge
 from idempotency_django.core import perform as perform_operation
 from idempotency_django.models import IdempotencyRecord
+from idempotency_django.natural import NaturalKey
 from idempotency_django.storage import BaseStorage, get_storage
 
 logger = logging.getLogger("idempotency_django")
@@ -48,6 +49,7 @@ class Options:
     conflict: str | None = None
     using: Sequence[str] | None = None
     key_source: str | None = None
+    natural_key: NaturalKey | None = None
 
     def resolved_methods(self) -> frozenset[str]:
         methods = self.methods if self.methods is not None else idempotency_settings.METHODS
@@ -112,15 +114,23 @@ def run(request: Any, call: Callable[[], HttpResponseBase], options: Options) ->
     if method not in options.resolved_methods():
         return call()
     try:
-        key = http.read_key(request)
+        natural = options.natural_key
+        # A natural key alone ignores the header; combined, the header is read as usual.
+        client_key = None
+        if natural is None or natural.with_client_key:
+            client_key = http.read_key(request)
+        key = client_key if natural is None else natural.derive(request, client_key)
         if key is None:
             if options.resolved_required():
                 header = idempotency_settings.HEADER
-                raise http.KeyMissing(f"This endpoint requires an {header} header.")
+                detail = f"This endpoint requires an {header} header."
+                if natural is not None:
+                    detail = f"The request lacks its idempotency key. {natural.describe()}"
+                raise http.KeyMissing(detail)
             return call()
         scope = http.scope(request)
-        if options.resolved_key_source() == "server":
-            _check_issued(scope, key)
+        if options.resolved_key_source() == "server" and client_key is not None:
+            _check_issued(scope, client_key)
         operation = Operation(
             scope=scope,
             key=key,

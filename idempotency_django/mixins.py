@@ -11,6 +11,7 @@ from rest_framework.request import Request
 
 from idempotency_django import drf
 from idempotency_django.execution import USE_SETTING, Options, run
+from idempotency_django.natural import NaturalKey
 
 
 class IdempotentMixin:
@@ -41,6 +42,9 @@ class IdempotentMixin:
     #: Which keys this view accepts: "client", "server" (only keys issued by this server to
     #: the caller) or "either"; None uses the KEY_SOURCE setting.
     idempotency_key_source: str | None = None
+    #: A key derived from the request (idempotency_django.natural.NaturalKey), for senders
+    #: that send no Idempotency-Key header (webhooks).
+    idempotency_natural_key: NaturalKey | None = None
 
     def get_idempotency_methods(self) -> Sequence[str] | None:
         return self.idempotency_methods
@@ -60,6 +64,9 @@ class IdempotentMixin:
     def get_idempotency_key_source(self) -> str | None:
         return self.idempotency_key_source
 
+    def get_idempotency_natural_key(self) -> NaturalKey | None:
+        return self.idempotency_natural_key
+
     def get_idempotency_options(self) -> Options:
         return Options(
             methods=self.get_idempotency_methods(),
@@ -68,6 +75,7 @@ class IdempotentMixin:
             conflict=self.get_idempotency_conflict(),
             using=self.get_idempotency_using(),
             key_source=self.get_idempotency_key_source(),
+            natural_key=self.get_idempotency_natural_key(),
         )
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:

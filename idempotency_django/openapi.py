@@ -79,19 +79,23 @@ class IdempotencySchemaMixin:
         parameters = list(super().get_override_parameters())  # type: ignore[misc]
         options = idempotency_options(self.view, self.method)
         if options is not None:
+            description = (
+                "A unique key per operation (e.g. a UUIDv4), sent again unchanged on "
+                "every retry. Retries get the first response back, marked with "
+                f"`{idempotency_settings.REPLAY_HEADER}: true`. Up to "
+                f"{idempotency_settings.MAX_KEY_LENGTH} visible ASCII characters; "
+                'a bare key or an RFC 8941 string ("key").'
+            )
+            natural = options.natural_key
+            if natural is not None:
+                description = f"{natural.describe()} {description}"
             parameters.append(
                 OpenApiParameter(
                     name=idempotency_settings.HEADER,
                     type=OpenApiTypes.STR,
                     location=OpenApiParameter.HEADER,
-                    required=options.resolved_required(),
-                    description=(
-                        "A unique key per operation (e.g. a UUIDv4), sent again unchanged on "
-                        "every retry. Retries get the first response back, marked with "
-                        f"`{idempotency_settings.REPLAY_HEADER}: true`. Up to "
-                        f"{idempotency_settings.MAX_KEY_LENGTH} visible ASCII characters; "
-                        'a bare key or an RFC 8941 string ("key").'
-                    ),
+                    required=options.resolved_required() and natural is None,
+                    description=description,
                 )
             )
         return parameters

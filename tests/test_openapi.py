@@ -76,3 +76,24 @@ def test_example_project_schema_is_generated_and_valid(tmp_path):
     text = target.read_text()
     assert "Idempotency-Key" in text
     assert "idempotency_key_in_use" in text
+
+
+def test_a_natural_key_is_shown_and_the_header_is_optional(settings):
+    from django.urls import path
+    from rest_framework.response import Response
+    from rest_framework.views import APIView
+
+    from idempotency_django.mixins import IdempotentMixin
+    from idempotency_django.natural import NaturalKey
+
+    class Webhook(IdempotentMixin, APIView):
+        idempotency_natural_key = NaturalKey(body=["event_id"])
+        idempotency_required = True
+
+        def post(self, request):
+            return Response(status=201)
+
+    generator = SchemaGenerator(patterns=[path("webhook/", Webhook.as_view())])
+    header = _header(generator.get_schema(request=None, public=True)["paths"]["/webhook/"]["post"])
+    assert header.get("required", False) is False
+    assert "body field `event_id`" in header["description"]
