@@ -32,7 +32,8 @@ class WebhookView(IdempotentMixin, APIView):
     idempotency_required = True
 
     def post(self, request: Request) -> Response:
-        payment = Payment.objects.create(reference=request.data.get("event_id", "-"), amount=1)
+        reference = request.data.get("event_id", "-")[:100]  # the column's length
+        payment = Payment.objects.create(reference=reference, amount=1)
         return Response({"id": payment.pk, "amount": request.data.get("amount")}, status=201)
 
 
