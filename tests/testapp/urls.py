@@ -33,4 +33,5 @@ urlpatterns += [
     path("plain-deep/", csrf_exempt(views.plain_deep_body)),
     path("deep/", views.DeepBodyView.as_view()),
     path("principal/", views.PrincipalView.as_view()),
+    path("charge-downstream/", views.ChargeDownstreamView.as_view()),
 ]

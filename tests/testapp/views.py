@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from typing import Any
 
+from asgiref.sync import async_to_sync
 from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from rest_framework import generics, serializers, status, viewsets
@@ -339,3 +341,41 @@ class PrincipalView(IdempotentMixin, APIView):
         principal = f"{type(request.user).__name__}:{request.user.pk}"
         payment = Payment.objects.create(reference="principal", amount=1, created_by=principal)
         return Response({"payment": payment.pk, "principal": principal}, status=201)
+
+
+def _downstream_call(client_name: str, url: str) -> Any:
+    """POST to the downstream service through one of the supported clients, with the hook
+    that gives the call the operation's derived key."""
+    from idempotency_django import outgoing
+
+    if client_name == "requests":
+        import requests
+
+        return outgoing.install(requests.Session()).post(url, json={}, timeout=10).json()
+    import httpx
+
+    if client_name == "httpx_async":
+
+        async def call() -> Any:
+            hooks = {"request": [outgoing.async_httpx_hook]}
+            async with httpx.AsyncClient(event_hooks=hooks, timeout=10) as client:
+                return (await client.post(url, json={})).json()
+
+        return async_to_sync(call)()
+    with httpx.Client(event_hooks={"request": [outgoing.httpx_hook]}, timeout=10) as client:
+        return client.post(url, json={}).json()
+
+
+class ChargeDownstreamView(IdempotentMixin, APIView):
+    """Charges the downstream service (DOWNSTREAM_URL), waits while the file named by
+    ``hold`` exists (so a test can kill the worker after the charge and before the commit),
+    then records the payment."""
+
+    def post(self, request: Request) -> Response:
+        charge = _downstream_call(request.data["client"], os.environ["DOWNSTREAM_URL"])
+        hold = request.data.get("hold")
+        deadline = time.monotonic() + 30
+        while hold and os.path.exists(hold) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        payment = Payment.objects.create(reference=request.data["reference"], amount=1)
+        return Response({"id": payment.pk, "charge": charge}, status=201)
