@@ -32,6 +32,45 @@ AUTH = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 ENV = {**os.environ, "CELERY_TASK_ALWAYS_EAGER": "1"}
 
 
+class Provider:
+    """A local payment provider: it deduplicates charges on Idempotency-Key, as real ones
+    do, and remembers every key it was sent."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.keys: list[str | None] = []
+        self.charges: dict[str, bytes] = {}
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                key = self.headers.get("Idempotency-Key")
+                provider.keys.append(key)
+                if key not in provider.charges:
+                    provider.charges[key] = json.dumps(
+                        {"charge": len(provider.charges) + 1}
+                    ).encode()
+                body = provider.charges[key]
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+PROVIDER = Provider()
+ENV["PAYMENT_PROVIDER_URL"] = PROVIDER.url
+
+
 def manage(*args: str) -> None:
     subprocess.run([sys.executable, "manage.py", *args], cwd=HERE, check=True, env=ENV)
 
@@ -224,6 +263,14 @@ def tour() -> None:
         failures.append(f"{receipts} receipts for one settled transfer")
     else:
         print("One receipt for the settled transfer.")
+
+    print(
+        f"\nThe payment provider was sent {len(PROVIDER.keys)} charges and made "
+        f"{len(PROVIDER.charges)}: the failed attempt (5.1) and its retry (5.2) carried the "
+        "same derived Idempotency-Key."
+    )
+    if len(PROVIDER.charges) != 3 or len(PROVIDER.keys) != 4 or None in PROVIDER.keys:
+        failures.append(f"the provider charged {len(PROVIDER.charges)} times, expected 3")
 
     final = balances()
     print(f"\nFinal balances (cents): {final}")

@@ -6,6 +6,7 @@ SQLite by default, no server needed. Environment:
   database instead (parsed by dj-database-url).
 * ``CELERY_BROKER_URL`` (default ``redis://127.0.0.1:6379/0``): the broker for the receipt
   task and the cleanup task scheduled below (``celery -A example worker --beat``).
+* ``PAYMENT_PROVIDER_URL``: where transfers are charged, with a derived Idempotency-Key.
 * ``CELERY_TASK_ALWAYS_EAGER=1``: run tasks in the web process instead (the demo does).
 """
 
@@ -84,6 +85,8 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Money-moving endpoints made safe to retry with idempotency_django.",
 }
 
+# The payment provider the transfers are charged at (the demo runs a local one).
+PAYMENT_PROVIDER_URL = os.environ.get("PAYMENT_PROVIDER_URL", "")
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
 # The demo runs tasks in the web process (no broker, no worker); a deployment runs a worker.
 CELERY_TASK_ALWAYS_EAGER = os.environ.get("CELERY_TASK_ALWAYS_EAGER") == "1"
