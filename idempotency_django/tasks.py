@@ -165,6 +165,17 @@ if Task is not None:
             assert self._idempotency_spec is not None
             return self._idempotency_spec
 
+        def retry(self, *args: Any, **options: Any) -> Any:
+            """``Task.retry``, keeping this task's key: the retried message carries it in its
+            ``idempotency_key`` header, so it runs as the original, not as a new operation
+            (and the publish hook gives it no derived key of its own)."""
+            operation = current_operation()
+            if operation is not None and operation.scope == SCOPE_PREFIX + self.name:
+                headers = dict(options.pop("headers", None) or self.request.headers or {})
+                headers.setdefault(KEY_HEADER, operation.key)
+                options["headers"] = headers
+            return super().retry(*args, **options)
+
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
             spec = self.idempotency_spec()
             key = _header_key(self.request)
