@@ -63,7 +63,9 @@ class CallInFlight(IdempotentCallError):
     """Another call with this key is running (``conflict="reject"``, or ``"wait"`` after
     ``wait_timeout``). ``retry_after`` says when its lease runs out at the latest."""
 
-    def __init__(self, message: str, *, retry_after: timedelta | None, **context: str) -> None:
+    def __init__(
+        self, message: str, *, retry_after: timedelta | None = None, **context: str
+    ) -> None:
         super().__init__(message, **context)
         self.retry_after = retry_after
 

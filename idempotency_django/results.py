@@ -44,7 +44,19 @@ class JSONSerializer:
     def dumps(self, value: Any) -> bytes:
         kind, name, data = _envelope(value)
         # Not canonical: a dict's keys keep their order, as the caller built it.
-        return json.dumps({"kind": kind, "type": name, "value": data}).encode()
+        try:
+            encoded = json.dumps({"kind": kind, "type": name, "value": data}, allow_nan=False)
+            again = self.loads(encoded.encode())
+        except (ValueError, TypeError, AttributeError, ImportError) as error:
+            raise TypeError(f"the result cannot be stored and read back: {error}") from error
+        # A duplicate must get what the first call got: {1: "a"} would come back as
+        # {"1": "a"}, a nested tuple as a list. Refused at the first call, its writes undone.
+        if again != value:
+            raise TypeError(
+                "the result does not come back equal from JSON (non-string dict keys, "
+                "tuples, nested dataclasses?): return JSON types or pass serializer="
+            )
+        return encoded.encode()
 
     def loads(self, data: bytes) -> Any:
         document = json.loads(data)

@@ -26,12 +26,15 @@ from idempotency_django.functions import (
     USE_SETTING,
     CallInFlight,
     CallSpec,
+    CallTakenOver,
+    StorageUnavailable,
     call_idempotently,
     key_function,
 )
 
 try:
     from celery import Task, current_app, shared_task
+    from celery.exceptions import Ignore
     from celery.signals import before_task_publish
 except ImportError:  # pragma: no cover - exercised by the tox env without Celery
     Task = None
@@ -41,7 +44,10 @@ logger = logging.getLogger("idempotency_django")
 
 KEY_HEADER = "idempotency_key"
 """The message header carrying a task's idempotency key (``apply_async(headers={...})``);
-it wins over the key function and the task id."""
+a publisher's own header wins over the key function and the task id."""
+DERIVED_HEADER = "idempotency_key_derived"
+"""Set beside ``KEY_HEADER`` by the publish hook: the key was derived from the publishing
+operation, so a task's own key function, when it has one, wins over it."""
 METHOD = "TASK"
 """The record's ``method`` for tasks."""
 SCOPE_PREFIX = "task:"
@@ -76,15 +82,21 @@ if shared_task is not None:
     )(_delete_expired_records)
 
 
-def _header_key(request: Any) -> Any:
-    """The key a publisher put in the message headers. Celery hands custom headers to the
-    task as request attributes, and (depending on the protocol and version) also in
-    ``request.headers``."""
-    key = getattr(request, KEY_HEADER, None)
-    if key is None:
+def _header(request: Any, name: str) -> Any:
+    """A custom message header. Celery hands them to the task as request attributes, and
+    (depending on the protocol and version) also in ``request.headers``."""
+    value = getattr(request, name, None)
+    if value is None:
         headers = getattr(request, "headers", None) or {}
-        key = headers.get(KEY_HEADER)
-    return key
+        value = headers.get(name)
+    return value
+
+
+def _unbound(function: Any, task: Any) -> Any:
+    """A function set as a task class attribute comes back bound to the task: unbind it."""
+    if inspect.ismethod(function) and function.__self__ is task:
+        return function.__func__
+    return function
 
 
 if Task is not None:
@@ -102,6 +114,7 @@ if Task is not None:
         if task is not None and not getattr(task, "idempotency_propagate", True):
             return
         headers[KEY_HEADER] = operation.next_key(f"celery:{sender}")
+        headers[DERIVED_HEADER] = True
 
     before_task_publish.connect(
         propagate_key, weak=False, dispatch_uid="idempotency_django.propagate_key"
@@ -143,14 +156,20 @@ if Task is not None:
                         f"idempotency_in_flight must be one of {IN_FLIGHT_CHOICES}, "
                         f"not {self.idempotency_in_flight!r}"
                     )
+                if self.idempotency_in_flight == "skip" and self.acks_late:
+                    raise ValueError(
+                        f"task {self.name}: in_flight='skip' with acks_late would drop a "
+                        "message redelivered after its worker died (it meets the dead "
+                        "worker's lease); use 'retry'"
+                    )
                 signature = inspect.signature(self.run)
-                key = self.idempotency_key
+                key = _unbound(self.idempotency_key, self)
                 type(self)._idempotency_spec = CallSpec(
                     name=self.name,
                     signature=signature,
                     key=key_function(key, signature) if key else (lambda *a, **k: None),
                     scope=None,
-                    fingerprint=self.idempotency_fingerprint,
+                    fingerprint=_unbound(self.idempotency_fingerprint, self),
                     final=tuple(self.idempotency_final_exceptions),
                     serializer=results.serializer_from(self.idempotency_serializer),
                     ttl=self.idempotency_ttl,
@@ -178,21 +197,34 @@ if Task is not None:
 
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
             spec = self.idempotency_spec()
-            key = _header_key(self.request)
+            key = _header(self.request, KEY_HEADER)
+            if key is not None and self.idempotency_key and _header(self.request, DERIVED_HEADER):
+                key = None  # derived by the publisher's operation: the task's own key wins
             if key is None and self.idempotency_key is None and self.idempotency_key_from_task_id:
                 key = self.request.id
             run = super().__call__
             try:
                 return call_idempotently(spec, run, args, kwargs, key=key)
             except CallInFlight as busy:
-                if self.idempotency_in_flight == "skip":
+                if self.idempotency_in_flight == "skip" or self.request.is_eager:
+                    if self.request.is_eager:
+                        raise
                     logger.info("task %s: key %r in flight, skipped", self.name, busy.key)
                     return None
                 # The original is running (or its worker died and its lease has yet to run
                 # out): try again later; by then it completed (a replay) or can be taken over.
+                # These retries wait for another worker, not for this task's own failures:
+                # they never exhaust max_retries (the lease bounds them).
                 left = busy.retry_after.total_seconds() if busy.retry_after else 0.0
                 countdown = max(0.1, min(self.idempotency_retry_countdown, left))
-                raise self.retry(countdown=countdown, exc=busy) from None
+                budget = self.request.retries + 1
+                raise self.retry(countdown=countdown, exc=busy, max_retries=budget) from None
+            except StorageUnavailable as down:
+                # Nothing ran and nothing was kept: the message is worth another try.
+                raise self.retry(countdown=self.idempotency_retry_countdown, exc=down) from None
+            except CallTakenOver:
+                # Another worker took the key over and owns the result: leave the state alone.
+                raise Ignore() from None
 
     def idempotent_task(
         *,

@@ -31,7 +31,8 @@ def _hold(path: str) -> None:
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,
-    max_retries=100,
+    # One retry of its own: waiting for another worker's lease never spends it.
+    max_retries=1,
     processing_timeout=LEASE,
     retry_countdown=0.3,
     final_exceptions=(CardDeclined,),
@@ -61,7 +62,6 @@ def redelivered(reference: str) -> str:
     key="reference",
     in_flight="skip",
     processing_timeout=LEASE,
-    acks_late=True,
 )
 def charge_or_skip(reference: str, amount: int, sleep: float = 0.0) -> dict[str, Any]:
     Payment.objects.create(reference=reference, amount=amount)

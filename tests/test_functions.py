@@ -422,3 +422,16 @@ def test_in_wait_mode_racing_calls_all_get_the_one_result():
     assert outcomes == [{"reference": "race-2", "amount": 7}] * 5, outcomes
     assert calls == ["race-2"]
     assert payments("race-2") == 1
+
+
+@pytest.mark.parametrize("result", [{1: "a"}, (1, 2), [(1, 2)], float("nan")])
+def test_a_result_that_would_come_back_different_is_refused_at_the_first_call(result):
+    @idempotent_function(key="reference")
+    def lossy(reference: str) -> Any:
+        Payment.objects.create(reference=reference, amount=1)
+        return result
+
+    with pytest.raises(TypeError):
+        lossy("l-1")
+    assert payments("l-1") == 0
+    assert not IdempotencyRecord.objects.filter(key="l-1").exists()
