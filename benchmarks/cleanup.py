@@ -52,15 +52,7 @@ def configure() -> None:
         SECRET_KEY="benchmark",
         ALLOWED_HOSTS=["*"],
         ROOT_URLCONF="benchmarks.cleanup_urls",
-        DATABASES={
-            "default": {
-                "ENGINE": "django.db.backends.postgresql",
-                "HOST": os.environ.get("PGHOST", "127.0.0.1"),
-                "PORT": os.environ.get("PGPORT", "5432"),
-                "USER": os.environ.get("PGUSER", "postgres"),
-                "NAME": DB_NAME,
-            }
-        },
+        DATABASES={"default": postgres_database(DB_NAME)},
         INSTALLED_APPS=[
             "django.contrib.auth",
             "django.contrib.contenttypes",
@@ -76,6 +68,18 @@ def configure() -> None:
         DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
     )
     django.setup()
+
+
+def postgres_database(name: str, **extra: object) -> dict[str, object]:
+    """A DATABASES entry for the benchmark database ``name`` (PGHOST/PGPORT/PGUSER)."""
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "HOST": os.environ.get("PGHOST", "127.0.0.1"),
+        "PORT": os.environ.get("PGPORT", "5432"),
+        "USER": os.environ.get("PGUSER", "postgres"),
+        "NAME": name,
+        **extra,
+    }
 
 
 def create_database(name: str = DB_NAME) -> None:

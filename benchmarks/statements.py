@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.cleanup import create_database  # noqa: E402
+from benchmarks.cleanup import create_database, postgres_database  # noqa: E402
 
 DB_NAME = "idempotency_bench_statements"
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
@@ -38,15 +38,7 @@ def configure() -> None:
         DEBUG=False,
         USE_TZ=True,
         SECRET_KEY="benchmark",
-        DATABASES={
-            "default": {
-                "ENGINE": "django.db.backends.postgresql",
-                "HOST": os.environ.get("PGHOST", "127.0.0.1"),
-                "PORT": os.environ.get("PGPORT", "5432"),
-                "USER": os.environ.get("PGUSER", "postgres"),
-                "NAME": DB_NAME,
-            }
-        },
+        DATABASES={"default": postgres_database(DB_NAME)},
         INSTALLED_APPS=["idempotency_django"],
         DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
     )

@@ -10,6 +10,8 @@ import os
 import django
 from django.conf import settings
 
+from benchmarks.cleanup import postgres_database
+
 DB_NAME = "idempotency_bench_tasks"
 BROKER = os.environ.get("BENCH_BROKER", "redis://127.0.0.1:6379/12")
 
@@ -18,16 +20,7 @@ if not settings.configured:
         DEBUG=False,
         USE_TZ=True,
         SECRET_KEY="benchmark",
-        DATABASES={
-            "default": {
-                "ENGINE": "django.db.backends.postgresql",
-                "HOST": os.environ.get("PGHOST", "127.0.0.1"),
-                "PORT": os.environ.get("PGPORT", "5432"),
-                "USER": os.environ.get("PGUSER", "postgres"),
-                "NAME": DB_NAME,
-                "CONN_MAX_AGE": None,
-            }
-        },
+        DATABASES={"default": postgres_database(DB_NAME, CONN_MAX_AGE=None)},
         INSTALLED_APPS=["idempotency_django", "benchmarks.peers.bench_app"],
         DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
     )

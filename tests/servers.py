@@ -136,6 +136,19 @@ def start_gunicorn(
     return server
 
 
+def celery_worker_command(*options: str) -> list[str]:
+    """A real Celery worker of ``tests.celery_app`` (one process, ``--pool=solo``), quiet
+    about everything but its tasks; ``options`` are added (``--beat``, ``-Q queue``, ...)."""
+    return [
+        sys.executable,
+        *("-m", "celery", "-A", "tests.celery_app", "worker"),
+        "--pool=solo",
+        "--loglevel=INFO",
+        *("--without-gossip", "--without-mingle", "--without-heartbeat"),
+        *options,
+    ]
+
+
 class DatabaseProxy:
     """Forwards TCP connections to the database. ``cut()`` drops every open connection and
     refuses new ones (as a database restart or a network partition would) until

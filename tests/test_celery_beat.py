@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -16,6 +15,7 @@ from django.utils import timezone
 
 from idempotency_django.models import IdempotencyRecord
 from tests.factories import IdempotencyRecordFactory
+from tests.servers import celery_worker_command
 
 pytest.importorskip("celery")
 redis = pytest.importorskip("redis")
@@ -55,22 +55,7 @@ def test_beat_schedule_deletes_expired_records_and_keeps_fresh_ones(redis_broker
         "IDEMPOTENCY_CLEANUP_EVERY": "1",
         "CELERY_BROKER_URL": redis_broker,
     }
-    command = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "tests.celery_app",
-        "worker",
-        "--beat",
-        "--pool=solo",
-        "--loglevel=INFO",
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-        "-s",
-        os.path.join(workdir, "beat-schedule"),
-    ]
+    command = celery_worker_command("--beat", "-s", os.path.join(workdir, "beat-schedule"))
     log_path = os.path.join(workdir, "worker.log")
     with open(log_path, "w") as log:
         worker = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

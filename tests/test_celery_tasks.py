@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -25,6 +24,7 @@ from django.db import connection, connections
 
 from idempotency_django import maintenance
 from idempotency_django.models import IdempotencyRecord
+from tests.servers import celery_worker_command
 from tests.testapp.models import Payment
 
 celery = pytest.importorskip("celery")
@@ -75,23 +75,7 @@ class Workers:
 
     def start(self, name: str) -> subprocess.Popen[bytes]:
         log = (self.directory / f"{name}.log").open("wb")
-        command = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "tests.celery_app",
-            "worker",
-            "--pool=solo",
-            "--loglevel=INFO",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-            "-Q",
-            self.queue,
-            "-n",
-            f"{name}@%h",
-        ]
+        command = celery_worker_command("-Q", self.queue, "-n", f"{name}@%h")
         process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=log)
         self.processes.append(process)
         deadline = time.monotonic() + 30
