@@ -32,6 +32,7 @@ VARIANTS = [
     "bare",
     "atomic",  # reference: the bare handler inside transaction.atomic(), no idempotency
     "idempotency_django",
+    "idempotency_django_metrics",  # the same with Prometheus and OpenTelemetry on
     "django_idempotency_key",
     "djangorestframework_idempotency_key",
     "drf_idempotency",
@@ -138,7 +139,21 @@ def tables(servers: list[Server], results: dict[str, Results]) -> str:
             f"| {burst.quantile(50) * 1000:.0f} / {burst.quantile(99) * 1000:.0f} ms "
             f"| {r.duplicates} | {retry.server_errors} | {retry_rate:.0f}/s |"
         )
-    return "\n".join(cost) + "\n\n" + "\n".join(safety)
+    return "\n".join(cost) + "\n\n" + "\n".join(safety) + _metrics_cost(results)
+
+
+def _metrics_cost(results: dict[str, Results]) -> str:
+    """The monitoring's cost: the metrics variant over the plain one, round by round."""
+    on, off = results.get("idempotency_django_metrics"), results.get("idempotency_django")
+    if on is None or off is None:
+        return ""
+    return (
+        "\n\n| monitoring on / off | first request latency | replay latency | throughput |\n"
+        "| --- | --- | --- | --- |\n"
+        "| `idempotency_django_metrics` / `idempotency_django` "
+        f"| {ratio(on.first, off.first):.3f}x | {ratio(on.replay, off.replay):.3f}x "
+        f"| {ratio(on.rate, off.rate):.3f}x |"
+    )
 
 
 def _median_int(values: list[int]) -> str:

@@ -60,6 +60,15 @@ DEFAULTS: dict[str, Any] = {
     "KEY_SOURCE": "client",
     # How long an issued key is accepted after it was issued (its first use and retries).
     "ISSUED_KEY_MAX_AGE": timedelta(hours=24),
+    # Monitoring (idempotency_django.monitoring): Prometheus metrics when prometheus_client is
+    # installed, OpenTelemetry spans and metrics when opentelemetry-api is (no-ops until an
+    # SDK is configured).
+    "PROMETHEUS": True,
+    "OPENTELEMETRY": True,
+    # The record gauges count exactly up to this many rows and estimate beyond it, and are
+    # computed at most once per METRICS_CACHE_SECONDS per process.
+    "METRICS_COUNT_LIMIT": 100_000,
+    "METRICS_CACHE_SECONDS": 10,
 }
 
 # Settings holding a dotted path that is imported on first access.
@@ -120,6 +129,9 @@ idempotency_settings = IdempotencySettings()
 def _reload_settings(*, setting: str, **kwargs: Any) -> None:
     if setting == SETTING_NAME:
         idempotency_settings.reload()
+        from idempotency_django import monitoring
+
+        monitoring.reset()
 
 
 setting_changed.connect(_reload_settings)

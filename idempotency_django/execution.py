@@ -19,7 +19,7 @@ from django.db import transaction
 from django.http import HttpRequest, HttpResponseBase
 from django.http.request import RawPostDataException
 
-from idempotency_django import http, issued, signals
+from idempotency_django import http, issued, monitoring, signals
 from idempotency_django.conf import idempotency_settings, to_timedelta
 from idempotency_django.core import Answer, Operation, Outcome, Policy, Result, ResultTooLarge
 from idempotency_django.core import perform as perform_operation
@@ -113,6 +113,7 @@ def run(request: Any, call: Callable[[], HttpResponseBase], options: Options) ->
     method = (request.method or "").upper()
     if method not in options.resolved_methods():
         return call()
+    name = view_name(request)
     try:
         natural = options.natural_key
         # A natural key alone ignores the header; combined, the header is read as usual.
@@ -128,7 +129,39 @@ def run(request: Any, call: Callable[[], HttpResponseBase], options: Options) ->
                     detail = f"The request lacks its idempotency key. {natural.describe()}"
                 raise http.KeyMissing(detail)
             return call()
+    except http.IdempotencyError as error:
+        with monitoring.operation(name, method) as observed:
+            return _refused(error, observed)
+    with monitoring.operation(name, method) as observed:
+        return _run(request, call, options, observed, key=key, client_key=client_key)
+
+
+def view_name(request: Any) -> str:
+    """The view's name for monitoring: its URL pattern's name (with namespaces), else the
+    view's dotted path; never the request's path (its ids would make labels unbounded)."""
+    match = getattr(request, "resolver_match", None)
+    return str(match.view_name) if match is not None and match.view_name else "unknown"
+
+
+def _refused(error: http.IdempotencyError, observed: monitoring.Operation) -> HttpResponseBase:
+    observed.outcome = "missing_key" if isinstance(error, http.KeyMissing) else "invalid_key"
+    logger.info("idempotency %s: %s", error.code, error.detail)
+    return error.response()
+
+
+def _run(
+    request: Any,
+    call: Callable[[], HttpResponseBase],
+    options: Options,
+    observed: monitoring.Operation,
+    *,
+    key: str,
+    client_key: str | None,
+) -> HttpResponseBase:
+    method = (request.method or "").upper()
+    try:
         scope = http.scope(request)
+        observed.identify(scope, key)
         if options.resolved_key_source() == "server" and client_key is not None:
             _check_issued(scope, client_key)
         operation = Operation(
@@ -139,8 +172,7 @@ def run(request: Any, call: Callable[[], HttpResponseBase], options: Options) ->
             path=request.get_full_path(),
         )
     except http.IdempotencyError as error:
-        logger.info("idempotency %s: %s", error.code, error.detail)
-        return error.response()
+        return _refused(error, observed)
     context = {
         "sender": IdempotencyRecord,
         "request": request,
@@ -158,7 +190,9 @@ def run(request: Any, call: Callable[[], HttpResponseBase], options: Options) ->
             operation, _unit_of_work(call), options.policy(), storage=storage, released=released
         )
     except ResultTooLarge as error:
+        observed.outcome = "too_large"
         return _too_large(error)
+    observed.outcome = monitoring.outcome_name(answer.outcome.value)
     response = _respond(answer, context)
     if answer.outcome is Outcome.EXECUTED:
         _maybe_clean_up(storage)

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from asgiref.sync import async_to_sync, sync_to_async
 from django.db import models, transaction
 
-from idempotency_django import results
+from idempotency_django import monitoring, results
 from idempotency_django.conf import CONFLICT_CHOICES, idempotency_settings, to_timedelta
 from idempotency_django.core import Operation, Outcome, Policy, Result, ResultTooLarge, perform
 from idempotency_django.http import canonical_json
@@ -154,13 +154,14 @@ class CallSpec:
             key = self.key(*args, **kwargs)
         if key is None:
             if self.required:
-                raise ValueError(f"{self.name}: the key function returned None")
+                raise _KeyRefused(f"{self.name}: the key function returned None", "missing_key")
             return None
         key = str(key)
         if not key or len(key) > MAX_KEY_LENGTH:
-            raise ValueError(
+            raise _KeyRefused(
                 f"{self.name}: an idempotency key has 1 to {MAX_KEY_LENGTH} characters "
-                f"(got {len(key)}); hash longer natural keys"
+                f"(got {len(key)}); hash longer natural keys",
+                "invalid_key",
             )
         scope = self.scope_prefix + self.name
         if self.scope is not None:
@@ -175,6 +176,14 @@ class CallSpec:
             bound.apply_defaults()
             fingerprint = default_fingerprint(bound)
         return Operation(scope, key, fingerprint, self.method, self.name)
+
+
+class _KeyRefused(ValueError):
+    """A call refused for its key (``outcome``: missing_key or invalid_key)."""
+
+    def __init__(self, message: str, outcome: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome
 
 
 def key_function(key: str | Callable[..., Any], signature: inspect.Signature) -> Callable[..., Any]:
@@ -289,10 +298,28 @@ def call_idempotently(
 ) -> Any:
     """Run ``function(*args, **kwargs)`` under ``spec``: the shared path of idempotent
     functions and tasks."""
-    operation = spec.operation(args, kwargs, key)
+    try:
+        operation = spec.operation(args, kwargs, key)
+    except _KeyRefused as refused:
+        with monitoring.operation(spec.name, spec.method) as observed:
+            observed.outcome = refused.outcome
+            raise
     if operation is None:
         logger.warning("%s called without an idempotency key: running it as it is", spec.name)
         return function(*args, **kwargs)
+    with monitoring.operation(spec.name, spec.method) as observed:
+        observed.identify(operation.scope, operation.key)
+        return _call(spec, function, args, kwargs, operation, observed)
+
+
+def _call(
+    spec: CallSpec,
+    function: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    operation: Operation,
+    observed: monitoring.Operation,
+) -> Any:
     storage = get_storage()
 
     def work() -> Result:
@@ -310,12 +337,14 @@ def call_idempotently(
     try:
         answer = perform(operation, work, spec.policy(), storage=storage)
     except ResultTooLarge as error:
+        observed.outcome = "too_large"
         raise ResultTooLargeError(
             f"{spec.name}: the result ({len(error.stored.body)} bytes) is larger than "
             f"MAX_RESPONSE_SIZE ({error.limit}); nothing was stored",
             **context,
         ) from None
     outcome = answer.outcome
+    observed.outcome = monitoring.outcome_name(outcome.value)
     if outcome is Outcome.EXECUTED:
         if isinstance(answer.value, _Raised):
             raise answer.value.error

@@ -332,10 +332,70 @@ def collect(alias: str) -> dict[str, Any]:
 
 
 def _table_bytes(alias: str, table: str) -> int | None:
+    """Bytes of ``table`` with its indexes (PostgreSQL, MariaDB/MySQL; ``None`` elsewhere)."""
     connection = connections[alias]
-    if connection.vendor != "postgresql":
+    if connection.vendor == "postgresql":
+        sql, params = "SELECT pg_total_relation_size(%s)", [table]
+    elif connection.vendor == "mysql":
+        sql = (
+            "SELECT data_length + index_length FROM information_schema.tables "
+            "WHERE table_schema = DATABASE() AND table_name = %s"
+        )
+        params = [table]
+    else:
         return None
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_total_relation_size(%s)", [table])
+        cursor.execute(sql, params)
         row = cursor.fetchone()
-    return int(row[0]) if row else None
+    return int(row[0]) if row and row[0] is not None else None
+
+
+def _estimated_rows(alias: str, table: str) -> int | None:
+    """The planner's row estimate for ``table`` (statistics, no scan), or ``None``."""
+    connection = connections[alias]
+    if connection.vendor == "postgresql":
+        sql = "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%s)"
+    elif connection.vendor == "mysql":
+        sql = (
+            "SELECT table_rows FROM information_schema.tables "
+            "WHERE table_schema = DATABASE() AND table_name = %s"
+        )
+    else:
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [table])
+        row = cursor.fetchone()
+    # PostgreSQL says -1 for a table never analyzed.
+    return int(row[0]) if row and row[0] is not None and row[0] >= 0 else None
+
+
+def table_gauges(alias: str | None = None) -> dict[str, Any]:
+    """The record table's gauges for monitoring, at a cost that does not grow with the
+    table: records by state, expired records not yet deleted, records stuck in processing
+    (their lease ran out) and the table's bytes. Each count reads at most ``limit``
+    (``METRICS_COUNT_LIMIT``) rows through an index (``LIMIT`` in a subquery); a total above
+    the limit is the planner's estimate (PostgreSQL ``pg_class.reltuples``, MariaDB
+    ``information_schema.tables``), never a full ``COUNT(*)``."""
+    from idempotency_django.conf import idempotency_settings
+    from idempotency_django.models import IdempotencyRecord
+    from idempotency_django.storage import get_storage
+
+    alias = alias or str(getattr(get_storage(), "alias", None) or "default")
+    limit = int(idempotency_settings.METRICS_COUNT_LIMIT)
+    records = IdempotencyRecord.objects.using(alias).order_by()
+    table = IdempotencyRecord._meta.db_table
+    processing = records.filter(state=IdempotencyRecord.State.PROCESSING)
+    total = records[: limit + 1].count()
+    if total > limit:
+        total = max(_estimated_rows(alias, table) or 0, total)
+    in_processing = processing[:limit].count()
+    return {
+        "by_state": {
+            IdempotencyRecord.State.PROCESSING.value: in_processing,
+            IdempotencyRecord.State.COMPLETED.value: max(total - in_processing, 0),
+        },
+        "expired": records.filter(deletable())[:limit].count(),
+        "stuck": processing.filter(lease_expires_at__lte=DatabaseNow())[:limit].count(),
+        "table_bytes": _table_bytes(alias, table),
+        "limit": limit,
+    }

@@ -170,6 +170,9 @@ class IdempotencyRecord(models.Model):
         indexes = [
             models.Index(fields=["expires_at"], name="idempotency_expires_idx"),
             models.Index(fields=["created_at"], name="idempotency_created_idx"),
+            # Records in processing, and those whose lease ran out, for the monitoring
+            # gauges (idempotency_django.maintenance.table_gauges).
+            models.Index(fields=["state", "lease_expires_at"], name="idempotency_state_lease_idx"),
         ]
 
     def __str__(self) -> str:

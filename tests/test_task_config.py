@@ -69,3 +69,20 @@ def test_skip_with_acks_late_is_refused():
 def test_the_decorator_refuses_an_unknown_in_flight_policy():
     with pytest.raises(ValueError, match="in_flight"):
         idempotent_task(key="x", in_flight="drop")
+
+
+def test_task_operations_are_counted_under_the_task_name():
+    from prometheus_client import REGISTRY
+
+    labels = {"entry_point": "task", "name": "tests.book", "method": "TASK"}
+
+    def counted(outcome: str) -> float:
+        value = REGISTRY.get_sample_value(
+            "idempotency_operations_total", {**labels, "outcome": outcome}
+        )
+        return value or 0.0
+
+    before = counted("executed"), counted("replayed")
+    book.apply(("b-metrics",)).get()
+    book.apply(("b-metrics",)).get()
+    assert (counted("executed") - before[0], counted("replayed") - before[1]) == (1, 1)

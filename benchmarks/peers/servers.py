@@ -87,13 +87,14 @@ def ensure_venv(variant: str, module: object) -> Path:
     """A virtualenv per variant under benchmarks/.venvs/, rebuilt when its requirements
     change (this package's own variants share one, which is reinstalled every run)."""
     own = getattr(module, "PACKAGE", None) in (None, ".")
-    # The bare endpoint and this package's variant share one virtualenv with this checkout.
+    # The bare endpoint and this package's variant share one virtualenv with this checkout;
+    # a variant of this package with extra requirements has its own.
     requirements = _requirements(module) + ([str(ROOT)] if own and not module.PACKAGE else [])
-    name = "self" if own else variant
+    name = "self" if own and not getattr(module, "EXTRA_REQUIREMENTS", None) else variant
     venv = VENVS / name
     stamp = venv / "requirements.json"
     if stamp.exists() and json.loads(stamp.read_text()) == requirements:
-        if name == "self":  # pick up changes to this checkout
+        if own:  # pick up changes to this checkout
             _pip(venv, ["--no-deps", "--force-reinstall", str(ROOT)])
         return venv
     shutil.rmtree(venv, ignore_errors=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from idempotency_django import monitoring
 from idempotency_django.conf import idempotency_settings
 from idempotency_django.context import running
 from idempotency_django.storage import BaseStorage, Claim, ClaimOutcome, get_storage
@@ -117,7 +118,8 @@ def perform(
     """
     storage = storage or get_storage()
     try:
-        claim = _acquire(storage, operation, policy)
+        with monitoring.phase("claim"):
+            claim = _acquire(storage, operation, policy)
     except Exception as error:
         if not storage.is_unavailable(error):
             raise
@@ -172,7 +174,8 @@ def _execute(
         # The operation is current for the work and for the on_commit callbacks it registers
         # (they run as the unit's transaction commits, inside this block).
         with running(claim.scope, claim.key), unit:
-            result = work()
+            with monitoring.phase("handler", handler=True):
+                result = work()
             if result.stored is None:
                 raise _NotFinal(result)
             if unit.rollback_pending():
@@ -185,8 +188,10 @@ def _execute(
                 )
             _check_size(result.stored)
             # Same transaction as the work's writes: both commit, or neither does.
-            if completed_inside and not storage.complete(claim, result.stored, ttl=policy.ttl):
-                raise _LeaseLost
+            if completed_inside:
+                with monitoring.phase("complete"):
+                    if not storage.complete(claim, result.stored, ttl=policy.ttl):
+                        raise _LeaseLost
     except _StoreAfterRollback as deferred:
         # The work's writes are rolled back; its (final) result is still the one to replay.
         result = deferred.result
@@ -218,7 +223,8 @@ def _execute(
     if not completed_inside:
         # A storage outside the database transaction completes after the commit (the
         # window this leaves is the storage's documented trade-off).
-        storage.after_commit(claim, result.stored, ttl=policy.ttl)
+        with monitoring.phase("complete"):
+            storage.after_commit(claim, result.stored, ttl=policy.ttl)
     return Answer(
         Outcome.EXECUTED,
         claim,

@@ -5,6 +5,7 @@ from django.urls import include, path
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework.routers import DefaultRouter
 
+from idempotency_django.views import metrics
 from tests.testapp import views
 
 router = DefaultRouter()
@@ -12,6 +13,7 @@ router.register("payments", views.PaymentViewSet)
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("metrics", metrics),
     path("", include(router.urls)),
     path("baseline/", views.AtomicBaselineView.as_view()),
     path("generic/", views.GenericCreateView.as_view()),
