@@ -10,13 +10,14 @@ import pytest
 from django.db import connection
 from django.test import override_settings
 from django.utils import timezone
-from prometheus_client import REGISTRY
 from rest_framework.test import APIClient
 
 from idempotency_django import maintenance, monitoring
 from idempotency_django.functions import CallMismatch, idempotent_function
 from idempotency_django.models import IdempotencyRecord
 from tests.factories import IdempotencyRecordFactory
+
+REGISTRY = pytest.importorskip("prometheus_client").REGISTRY
 
 pytestmark = pytest.mark.django_db
 

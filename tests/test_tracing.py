@@ -7,6 +7,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+
+pytest.importorskip("opentelemetry.sdk")
+
 from django.utils import timezone
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
