@@ -9,18 +9,21 @@ from datetime import timedelta
 from typing import Any
 
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.db import connections
+from django.db import DEFAULT_DB_ALIAS, connections, router
 from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path
 from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from idempotency_django import maintenance
+from idempotency_django import dashboard, maintenance
 from idempotency_django.models import IdempotencyCounter, IdempotencyRecord
 
 # Below this many rows the changelist counts exactly; above it, on PostgreSQL, an unfiltered
@@ -234,6 +237,33 @@ class IdempotencyRecordAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             request,
             ngettext("%d record expired.", "%d records expired.", count) % count,
             messages.SUCCESS,
+        )
+
+    def get_urls(self) -> list[URLPattern]:
+        name = f"{self.opts.app_label}_{self.opts.model_name}_dashboard"
+        view = self.admin_site.admin_view(self.dashboard_view)
+        # Before the model's own URLs: "<path:object_id>/" would take "dashboard/".
+        return [path("dashboard/", view, name=name), *super().get_urls()]
+
+    def dashboard_view(self, request: HttpRequest) -> HttpResponse:
+        """Executions, replays, 409s and 422s over the last 24 hours or 7 days
+        (``?period=24h`` or ``7d``), the top endpoints by duplicate rate, and the table's
+        size over time (:mod:`idempotency_django.dashboard`). Needs the view permission."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        alias = router.db_for_read(self.model) or DEFAULT_DB_ALIAS
+        period = dashboard.period_for(request.GET.get(dashboard.PERIOD_PARAMETER))
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": _("Idempotency dashboard"),
+            # The charts want the page's width more than the app list beside them.
+            "is_nav_sidebar_enabled": False,
+            **dashboard.overview(alias, period),
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(
+            request, "admin/idempotency_django/idempotencyrecord/dashboard.html", context
         )
 
     def changelist_view(

@@ -1,6 +1,7 @@
-"""Cleanup, stats and the admin's expire action. The queryset methods, the command
-``idempotency_cleanup``, the Celery task, ``CLEANUP_PROBABILITY``, ``idempotency_stats`` and
-the admin all go through here, so they cannot disagree about which records are expired.
+"""Cleanup, stats, table-size snapshots and the admin's expire action. The queryset methods,
+the command ``idempotency_cleanup``, the Celery task, ``CLEANUP_PROBABILITY``,
+``idempotency_stats`` and the admin all go through here, so they cannot disagree about which
+records are expired.
 
 A record is deleted once its ``expires_at`` has passed and no request holds it (completed, or
 its lease ran out), never while its lease is alive, even past a per-view TTL shorter than its
@@ -12,19 +13,25 @@ early.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db import OperationalError, connections, models, transaction
+from django.db import DatabaseError, OperationalError, connections, models, transaction
 from django.db.models import Count, Exists, Max, Min, OuterRef, Q, QuerySet, Sum
+from django.utils import timezone
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
     from django.db.models.sql.compiler import SQLCompiler
+
+    from idempotency_django.models import IdempotencySnapshot
+
+logger = logging.getLogger("idempotency_django")
 
 # Rows per cleanup batch unless told otherwise (the command, the Celery task and the queryset
 # share it). On PostgreSQL a batch of 5,000 rows writes about 1.7 MB of WAL right after a
@@ -36,6 +43,13 @@ DEFAULT_CLEANUP_BATCH_SIZE = 5000
 # PostgreSQL cleanup first deletes each range without locking rows first, waiting at most this
 # long for a row an in-flight request holds; on a timeout the range is redone with SKIP LOCKED.
 CLEANUP_LOCK_TIMEOUT = "20ms"
+
+# Table-size snapshots (IdempotencySnapshot) older than this are deleted by their writer.
+SNAPSHOT_RETENTION = timedelta(days=30)
+
+# A snapshot counts the records exactly when the database's estimate is below this: on a
+# small table a COUNT is cheap, and a fresh table's statistics are often still empty.
+EXACT_COUNT_BELOW = 10_000
 
 
 @dataclass(frozen=True)
@@ -142,6 +156,9 @@ def delete_expired(
     if full_run:
         orphaned = delete_orphaned_counters(alias, batch_size=batch_size, pause=pause)
         orphans, longest = orphaned.deleted, max(longest, orphaned.longest_batch_seconds)
+        # What the admin dashboard charts as "records stored": every full run (the command,
+        # the Celery task) leaves a snapshot; a failure to write it is only logged.
+        take_snapshot(alias, expired=deleted)
     return CleanupResult(deleted, batches, time.monotonic() - started, longest, orphans)
 
 
@@ -399,3 +416,80 @@ def table_gauges(alias: str | None = None) -> dict[str, Any]:
         "table_bytes": _table_bytes(alias, table),
         "limit": limit,
     }
+
+
+def estimate_records(alias: str) -> int:
+    """Rows in the record table, reading at most ``EXACT_COUNT_BELOW`` of them: counted
+    exactly below that (``LIMIT`` in a subquery), else the database's statistics. On
+    PostgreSQL that is ``n_live_tup``, which follows inserts and deletes as they commit (a
+    snapshot right after a cleanup sees its deletes), else ``pg_class.reltuples`` of the last
+    ``ANALYZE``; on MariaDB/MySQL ``information_schema.tables``."""
+    from idempotency_django.models import IdempotencyRecord
+
+    counted = IdempotencyRecord._base_manager.using(alias).order_by()[: EXACT_COUNT_BELOW + 1]
+    total = counted.count()
+    if total <= EXACT_COUNT_BELOW:
+        return total
+    table = IdempotencyRecord._meta.db_table
+    return max(_live_rows(alias, table) or _estimated_rows(alias, table) or 0, total)
+
+
+def take_snapshot(
+    alias: str, *, expired: int | None = None, now: datetime | None = None
+) -> IdempotencySnapshot | None:
+    """Store an :class:`~idempotency_django.models.IdempotencySnapshot` of the record table
+    (:func:`estimate_records`, the table's bytes; ``expired``: what the cleanup run just
+    deleted) and delete snapshots older than ``SNAPSHOT_RETENTION``. Best effort: a database
+    error (the table not migrated yet, a lost connection) is logged and gives ``None``,
+    never failing the caller; inside a caller's transaction it rolls back only its own
+    savepoint."""
+    from idempotency_django.models import IdempotencyRecord, IdempotencySnapshot
+
+    now = now or timezone.now()
+    snapshots = IdempotencySnapshot._base_manager.using(alias)
+    table = IdempotencyRecord._meta.db_table
+    try:
+        with transaction.atomic(using=alias):
+            size = (
+                _sqlite_table_bytes(alias, table)
+                if connections[alias].vendor == "sqlite"
+                else _table_bytes(alias, table)
+            )
+            snapshot = snapshots.create(
+                taken_at=now, records=estimate_records(alias), table_bytes=size, expired=expired
+            )
+            snapshots.filter(taken_at__lt=now - SNAPSHOT_RETENTION).delete()
+    except DatabaseError:
+        logger.warning("Could not store a table-size snapshot on %r", alias, exc_info=True)
+        return None
+    return snapshot
+
+
+def _live_rows(alias: str, table: str) -> int | None:
+    """PostgreSQL's running count of live rows (``None`` elsewhere, or when the statistics
+    were reset and say 0)."""
+    connection = connections[alias]
+    if connection.vendor != "postgresql":
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT n_live_tup FROM pg_stat_user_tables WHERE relid = to_regclass(%s)", [table]
+        )
+        row = cursor.fetchone()
+    return int(row[0]) if row and row[0] else None
+
+
+def _sqlite_table_bytes(alias: str, table: str) -> int | None:
+    """The pages of ``table`` and its indexes, from SQLite's ``dbstat`` virtual table where
+    the build has it (most do)."""
+    with connections[alias].cursor() as cursor:
+        try:
+            cursor.execute(
+                "SELECT SUM(pgsize) FROM dbstat"
+                " WHERE name IN (SELECT name FROM sqlite_master WHERE tbl_name = %s)",
+                [table],
+            )
+        except DatabaseError:
+            return None
+        row = cursor.fetchone()
+    return int(row[0]) if row and row[0] is not None else None

@@ -28,6 +28,7 @@ __all__ = [
     "IdempotencyCounter",
     "IdempotencyRecord",
     "IdempotencyRecordQuerySet",
+    "IdempotencySnapshot",
 ]
 
 
@@ -247,6 +248,49 @@ class IdempotencyCounter(models.Model):
                 fields=["record_id", "lifetime"], name="idempotency_counter_lifetime_uniq"
             ),
         ]
+        # The admin dashboard sums counters by lifetime range, one range per chart bucket.
+        indexes = [models.Index(fields=["lifetime"], name="idempotency_counter_life_idx")]
 
     def __str__(self) -> str:
         return f"record {self.record_id} ({self.lifetime:%Y-%m-%d %H:%M:%S})"
+
+
+class IdempotencySnapshot(models.Model):
+    """The size of the record table at one moment: the history behind the admin dashboard's
+    "records stored" chart. Written after each full cleanup run (the command
+    ``idempotency_cleanup``, the Celery task) and by the dashboard at most once an hour;
+    the writer deletes snapshots older than 30 days
+    (:data:`idempotency_django.maintenance.SNAPSHOT_RETENTION`)."""
+
+    taken_at = models.DateTimeField(_("taken at"), default=timezone.now)
+    records = models.PositiveBigIntegerField(
+        _("records"),
+        help_text=_(
+            "Rows in the record table: the database's own estimate on a large table "
+            "(PostgreSQL, MariaDB/MySQL), counted on a small one."
+        ),
+    )
+    table_bytes = models.PositiveBigIntegerField(
+        _("table size"),
+        null=True,
+        blank=True,
+        help_text=_("Bytes the record table and its indexes take; empty where not known."),
+    )
+    expired = models.PositiveBigIntegerField(
+        _("expired"),
+        null=True,
+        blank=True,
+        help_text=_(
+            "Expired records the cleanup run that took this snapshot deleted; empty when "
+            "the dashboard took it."
+        ),
+    )
+
+    class Meta:
+        verbose_name = _("idempotency snapshot")
+        verbose_name_plural = _("idempotency snapshots")
+        ordering = ["-taken_at"]
+        indexes = [models.Index(fields=["taken_at"], name="idempotency_snapshot_taken_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.records} records at {self.taken_at:%Y-%m-%d %H:%M:%S}"
