@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test reliability test-isolation test-celery test-sqlite test-postgres test-mariadb lint typecheck docs tox clean bench bench-cleanup bench-statements bench-tasks
+.PHONY: demo test reliability test-isolation test-celery test-sqlite test-postgres test-mariadb lint typecheck docs tox clean bench bench-cleanup bench-statements bench-tasks bench-dashboard
 
 # pytest exits with 5 when it collected no tests (a -k/-m that selects nothing): not a failure.
 PYTEST := $(BIN)/python -m pytest -q
@@ -88,6 +88,11 @@ bench-cleanup: $(STAMP)
 ## records on PostgreSQL (prints ratios; figures kept in docs/benchmarks.md).
 bench-tasks: $(STAMP)
 	$(BIN)/python benchmarks/tasks.py
+
+## bench-dashboard: the admin dashboard's page time as the record table grows to 5 million
+## rows, on PostgreSQL (writes docs/benchmarks.md).
+bench-dashboard: $(STAMP)
+	$(BIN)/python benchmarks/dashboard.py
 
 ## bench-statements: each hand-written SQL statement of the database storage beside its ORM
 ## form, on PostgreSQL (prints ratios; figures kept in docs/benchmarks.md).

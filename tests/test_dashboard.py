@@ -119,9 +119,9 @@ def test_duplicate_rate_is_the_share_of_replays_among_answers():
 def test_second_view_counts_only_the_current_bucket(django_assert_num_queries):
     ten = datetime(2026, 3, 10, 10, tzinfo=UTC)
     record(ten, replays=2)
-    with django_assert_num_queries(2 * 24):
+    with django_assert_num_queries(3 * 24):
         dashboard.buckets("default", DAY, NOW)
-    with django_assert_num_queries(2):
+    with django_assert_num_queries(3):
         again = dashboard.buckets("default", DAY, NOW)
     assert {b.start: figures(b) for b in again}[ten] == (1, 2, 0, 0)
 
@@ -140,11 +140,11 @@ def test_a_cached_bucket_is_not_recounted_but_the_current_one_is():
 def test_a_bucket_just_closed_is_recounted_until_it_settled(django_assert_num_queries):
     just_after = datetime(2026, 3, 10, 14, 5, tzinfo=UTC)
     dashboard.buckets("default", DAY, just_after)
-    with django_assert_num_queries(2 * 2):
+    with django_assert_num_queries(3 * 2):
         dashboard.buckets("default", DAY, just_after)
     settled = just_after + dashboard.SETTLED_AFTER
     dashboard.buckets("default", DAY, settled)
-    with django_assert_num_queries(2):
+    with django_assert_num_queries(3):
         dashboard.buckets("default", DAY, settled)
 
 
@@ -171,7 +171,7 @@ def test_without_a_cache_every_bucket_is_counted_every_time(django_assert_num_qu
     ten = datetime(2026, 3, 10, 10, tzinfo=UTC)
     record(ten, conflicts=1)
     dashboard.buckets("default", DAY, NOW)
-    with django_assert_num_queries(2 * 24):
+    with django_assert_num_queries(3 * 24):
         found = {b.start: figures(b) for b in dashboard.buckets("default", DAY, NOW)}
     assert found[ten] == (1, 0, 1, 0)
 
@@ -207,6 +207,54 @@ def test_top_endpoints_are_at_most_ten():
     assert len(rows) == dashboard.TOP_ENDPOINTS == 10
     assert rows[0].label == "POST /things/11/"
     assert "POST /things/0/" not in [e.label for e in rows]
+
+
+def test_the_page_ranks_endpoints_over_every_bucket_of_the_period_and_keeps_them_cached(
+    django_assert_num_queries,
+):
+    record(NOW - 3 * HOUR, path="/payments/", replays=1)
+    record(NOW - 2 * HOUR, path="/payments/", replays=3)
+    record(NOW - 2 * HOUR, path="/refunds/")
+    record(NOW - 20 * HOUR, method="TASK", path="emails.send", replays=1)
+    first = dashboard.overview("default", DAY, NOW)
+    expected = [("POST /payments/", 2, 4), ("task:emails.send", 1, 1), ("POST /refunds/", 1, 0)]
+    assert [(e.label, e.executions, e.replays) for e in first["endpoints"]] == expected
+    assert (first["endpoints_sampled"], first["endpoints_estimated"]) == (4, False)
+    # Every closed bucket is cached with its endpoints: only the current one is read again
+    # (and the snapshot list), and the ranking is the same.
+    with django_assert_num_queries(3 + 1):
+        again = dashboard.overview("default", DAY, NOW)
+    assert [(e.label, e.executions, e.replays) for e in again["endpoints"]] == expected
+
+
+def test_a_busy_bucket_ranks_its_endpoints_from_its_first_records_and_says_so(monkeypatch):
+    monkeypatch.setattr(dashboard, "SAMPLE_PER_BUCKET", 3)
+    at = NOW - 2 * HOUR
+    for minute in range(3):
+        record(at + timedelta(minutes=minute), path="/first/", replays=1)
+    for minute in range(3, 5):
+        record(at + timedelta(minutes=minute), path="/later/", replays=5)
+    record(NOW - 5 * HOUR, path="/quiet/")
+    found = dashboard.overview("default", DAY, NOW)
+    # The counts of the bucket stay exact; its endpoints come from its first three records.
+    assert (found["totals"]["executions"], found["totals"]["replays"]) == (6, 13)
+    assert [(e.label, e.executions, e.replays) for e in found["endpoints"]] == [
+        ("POST /first/", 3, 3),
+        ("POST /quiet/", 1, 0),
+    ]
+    assert (found["endpoints_sampled"], found["endpoints_estimated"]) == (4, True)
+
+
+def test_top_endpoints_reads_every_record_of_the_window_exactly(monkeypatch):
+    monkeypatch.setattr(dashboard, "SAMPLE_PER_BUCKET", 1)
+    at = NOW - 2 * HOUR
+    record(at, path="/a/", replays=1)
+    record(at + timedelta(minutes=1), path="/b/", replays=4)
+    rows = dashboard.top_endpoints("default", NOW - timedelta(hours=24), NOW)
+    assert [(e.label, e.executions, e.replays) for e in rows] == [
+        ("POST /b/", 1, 4),
+        ("POST /a/", 1, 1),
+    ]
 
 
 def test_take_snapshot_stores_the_table_size_and_drops_old_snapshots():

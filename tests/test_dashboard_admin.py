@@ -195,6 +195,18 @@ def test_stored_paths_are_escaped_in_the_charts(viewer):
     assert any("<script>" in (t.text or "") for t in ranking.iter(f"{SVG}title"))
 
 
+def test_the_page_says_when_the_top_endpoints_are_estimated_from_a_sample(viewer, monkeypatch):
+    from idempotency_django import dashboard
+
+    page = viewer.get(URL).content.decode()
+    assert 'id="endpoints-sample"' not in page
+    monkeypatch.setattr(dashboard, "SAMPLE_PER_BUCKET", 2)
+    caches["default"].clear()
+    IdempotencyRecordFactory.create_batch(3, replay_count=1)
+    page = viewer.get(URL).content.decode()
+    assert "Estimated from 2 of the period's 3 records: the first 2 of each bar." in page
+
+
 def test_second_page_view_makes_fewer_queries(viewer):
     IdempotencyRecordFactory(replay_count=1)
     with CaptureQueriesContext(connection) as first:
