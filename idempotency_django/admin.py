@@ -24,7 +24,7 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from idempotency_django import dashboard, maintenance
-from idempotency_django.models import IdempotencyCounter, IdempotencyRecord
+from idempotency_django.models import IdempotencyCounter, IdempotencyRecord, IdempotencySnapshot
 
 # Below this many rows the changelist counts exactly; above it, on PostgreSQL, an unfiltered
 # changelist uses the planner's estimate instead of a COUNT(*) over the whole table.
@@ -259,7 +259,13 @@ class IdempotencyRecordAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             "title": _("Idempotency dashboard"),
             # The charts want the page's width more than the app list beside them.
             "is_nav_sidebar_enabled": False,
-            **dashboard.overview(alias, period),
+            # Counted where records are read (a replica will do); a snapshot the page takes
+            # is written where the router sends writes.
+            **dashboard.overview(
+                alias,
+                period,
+                snapshot_alias=router.db_for_write(IdempotencySnapshot) or DEFAULT_DB_ALIAS,
+            ),
         }
         request.current_app = self.admin_site.name
         return TemplateResponse(

@@ -152,7 +152,9 @@ def period_for(value: str | None) -> Period:
 def bucket_starts(period: Period, now: datetime) -> list[datetime]:
     """The period's bucket starts, oldest first, aligned to multiples of the bucket size
     since the epoch (UTC), so that a closed bucket keeps its start and its cache entry."""
-    current = EPOCH + ((now - EPOCH) // period.bucket) * period.bucket
+    # Without time zones (USE_TZ = False) times are naive local times, and so are the buckets.
+    epoch = EPOCH if timezone.is_aware(now) else EPOCH.replace(tzinfo=None)
+    current = epoch + ((now - epoch) // period.bucket) * period.bucket
     return [current - period.bucket * back for back in range(period.count - 1, -1, -1)]
 
 
@@ -294,10 +296,17 @@ def top_endpoints(
     return rank_endpoints(endpoint_figures(alias, start, end), limit)
 
 
-def history(alias: str, period: Period, now: datetime | None = None) -> list[IdempotencySnapshot]:
+def history(
+    alias: str,
+    period: Period,
+    now: datetime | None = None,
+    *,
+    snapshot_alias: str | None = None,
+) -> list[IdempotencySnapshot]:
     """The latest snapshot of each bucket of the period, oldest first. Takes a snapshot
     (:func:`~idempotency_django.maintenance.take_snapshot`) when the latest is older than
-    ``SNAPSHOT_EVERY``, so the chart fills in even where no cleanup runs."""
+    ``SNAPSHOT_EVERY``, so the chart fills in even where no cleanup runs; on
+    ``snapshot_alias`` when given (the alias writes go to, where ``alias`` is a replica)."""
     now = now or timezone.now()
     start = bucket_starts(period, now)[0]
     snapshots = list(
@@ -307,7 +316,7 @@ def history(alias: str, period: Period, now: datetime | None = None) -> list[Ide
         .only("taken_at", "records", "table_bytes")
     )
     if not snapshots or snapshots[-1].taken_at <= now - SNAPSHOT_EVERY:
-        taken = maintenance.take_snapshot(alias, now=now)
+        taken = maintenance.take_snapshot(snapshot_alias or alias, now=now)
         if taken is not None:
             snapshots.append(taken)
     latest: dict[int, IdempotencySnapshot] = {}
@@ -316,7 +325,13 @@ def history(alias: str, period: Period, now: datetime | None = None) -> list[Ide
     return list(latest.values())
 
 
-def overview(alias: str, period: Period, now: datetime | None = None) -> dict[str, Any]:
+def overview(
+    alias: str,
+    period: Period,
+    now: datetime | None = None,
+    *,
+    snapshot_alias: str | None = None,
+) -> dict[str, Any]:
     """Everything the page shows, as template context (the charts drawn by
     :mod:`idempotency_django.dashboard_charts`)."""
     now = now or timezone.now()
@@ -324,7 +339,7 @@ def overview(alias: str, period: Period, now: datetime | None = None) -> dict[st
     start = rows[0].start
     endpoints = rank_endpoints(e for bucket in rows for e in bucket.endpoints)
     sampled = sum(bucket.sampled for bucket in rows)
-    snapshots = history(alias, period, now)
+    snapshots = history(alias, period, now, snapshot_alias=snapshot_alias)
     totals = {
         name: sum(getattr(bucket, name) for bucket in rows)
         for name in ("executions", "replays", "conflicts", "mismatches")

@@ -208,12 +208,17 @@ def _endpoints(endpoints: Sequence[Endpoint]) -> SafeString:
     )
 
 
+def _local(value: datetime) -> datetime:
+    """``value`` in the current time zone; naive values (``USE_TZ = False``) already are."""
+    return timezone.localtime(value) if timezone.is_aware(value) else value
+
+
 def _moment(value: datetime) -> str:
-    return date_format(timezone.localtime(value), "D j M, H:i")
+    return date_format(_local(value), "D j M, H:i")
 
 
 def _slot(bucket: Bucket) -> str:
-    start, end = timezone.localtime(bucket.start), timezone.localtime(bucket.end)
+    start, end = _local(bucket.start), _local(bucket.end)
     return f"{date_format(start, 'D j M, H:i')} to {date_format(end, 'H:i')}"
 
 
@@ -223,7 +228,7 @@ def _labelled(buckets: Sequence[Bucket]) -> list[tuple[int, str]]:
     hourly = buckets[0].end - buckets[0].start <= timedelta(hours=1)
     picked, previous = [], None
     for index, bucket in enumerate(buckets):
-        local = timezone.localtime(bucket.start)
+        local = _local(bucket.start)
         if hourly and local.hour % 3 == 0:
             picked.append((index, date_format(local, "H:i")))
         elif not hourly and local.date() != previous:

@@ -225,3 +225,31 @@ def test_page_takes_a_snapshot_at_most_once_an_hour(viewer, frozen):
     assert (snapshot.taken_at, snapshot.records, snapshot.expired) == (NOW, 3, None)
     assert "Records stored" in viewer.get(URL).content.decode()
     assert IdempotencySnapshot.objects.count() == 1
+
+
+def test_the_page_renders_in_a_project_without_time_zones(viewer, settings):
+    # Times are naive local times there (USE_TZ = False); the buckets are too.
+    settings.USE_TZ = False
+    IdempotencyRecordFactory(replay_count=2)
+    response = viewer.get(URL)
+    assert response.status_code == 200
+    assert "chart-traffic" in charts(response)
+    assert viewer.get(URL, {"period": "7d"}).status_code == 200
+
+
+class ReadsFromOther:
+    """Records and snapshots read from the alias "other", written to "default"."""
+
+    def db_for_read(self, model, **hints):
+        return "other" if model._meta.app_label == "idempotency_django" else None
+
+    def db_for_write(self, model, **hints):
+        return "default" if model._meta.app_label == "idempotency_django" else None
+
+
+@pytest.mark.django_db(databases=["default", "other"])
+def test_the_page_writes_its_snapshot_where_the_router_sends_writes(viewer, settings):
+    settings.DATABASE_ROUTERS = [f"{__name__}.ReadsFromOther"]
+    assert viewer.get(URL).status_code == 200
+    assert IdempotencySnapshot.objects.using("default").count() == 1
+    assert IdempotencySnapshot.objects.using("other").count() == 0

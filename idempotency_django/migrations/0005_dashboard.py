@@ -1,19 +1,12 @@
-"""The admin dashboard: table-size snapshots, and an index on the counters' lifetime (the
-dashboard sums counters by lifetime range).
-
-The counter table may hold millions of rows: its index is built without blocking counter
-writes (see ``_operations``).
-"""
+"""The admin dashboard's table-size snapshots (the counters' lifetime index is 0006, built
+concurrently outside a transaction, so a failure there leaves this one applied and 0006 can
+simply be run again)."""
 
 import django.utils.timezone
 from django.db import migrations, models
 
-from idempotency_django.migrations._operations import AddIndexConcurrentlyOnPostgreSQL
-
 
 class Migration(migrations.Migration):
-
-    atomic = False
 
     dependencies = [
         ('idempotency_django', '0004_state_lease_index'),
@@ -34,10 +27,6 @@ class Migration(migrations.Migration):
                 'verbose_name_plural': 'idempotency snapshots',
                 'ordering': ['-taken_at'],
             },
-        ),
-        AddIndexConcurrentlyOnPostgreSQL(
-            model_name='idempotencycounter',
-            index=models.Index(fields=['lifetime'], name='idempotency_counter_life_idx'),
         ),
         migrations.AddIndex(
             model_name='idempotencysnapshot',
