@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test reliability test-isolation test-celery test-sqlite test-postgres test-mariadb lint typecheck docs tox clean bench bench-cleanup bench-statements bench-tasks bench-dashboard
+.PHONY: demo test reliability test-schemathesis test-isolation test-celery test-sqlite test-postgres test-mariadb lint typecheck docs tox clean bench bench-cleanup bench-statements bench-tasks bench-dashboard
 
 # pytest exits with 5 when it collected no tests (a -k/-m that selects nothing): not a failure.
 PYTEST := $(BIN)/python -m pytest -q
@@ -29,8 +29,13 @@ test: $(STAMP)
 ## reliability: the fault, load, security and hostile-input tests alone, on SQLite, then on
 ## PostgreSQL and MariaDB (gunicorn against the real databases).
 reliability: $(STAMP)
-	TEST_DATABASE=sqlite $(PYTEST) -m reliability $(NOTHING_COLLECTED_IS_FINE)
-	$(BIN)/python tests/run_server_databases.py -m reliability
+	TEST_DATABASE=sqlite $(PYTEST) -m "reliability and not schemathesis" $(NOTHING_COLLECTED_IS_FINE)
+	$(BIN)/python tests/run_server_databases.py -m "reliability and not schemathesis"
+
+## test-schemathesis: schemathesis (coverage, fuzzing and stateful phases) against the example
+## project's OpenAPI schema through gunicorn, on SQLite: the slowest reliability test, alone.
+test-schemathesis: $(STAMP)
+	TEST_DATABASE=sqlite $(PYTEST) -m schemathesis tests/test_schemathesis.py
 
 ## test-isolation: the concurrency suites on PostgreSQL at REPEATABLE READ and SERIALIZABLE
 ## and on MariaDB at REPEATABLE READ (READ COMMITTED is what `make test` runs).

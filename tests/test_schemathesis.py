@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.schemathesis]
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "example_project"
 BIN = Path(sys.executable).parent
@@ -35,7 +35,7 @@ def example_server(tmp_path):
     # the run takes a minute and a half: once per `make test` (its SQLite pass), not again
     # for each database or each tox environment.
     if os.environ.get("TEST_DATABASE", "sqlite") != "sqlite" or "TOX_ENV_NAME" in os.environ:
-        pytest.skip("schemathesis runs once, in the SQLite pass of make test")
+        pytest.skip("schemathesis runs once, on SQLite (make test-schemathesis)")
     env = {
         **os.environ,
         "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
