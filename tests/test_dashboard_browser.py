@@ -6,8 +6,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
-import tempfile
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,13 +14,12 @@ from django.utils import timezone
 
 from idempotency_django import dashboard
 from idempotency_django.models import IdempotencyCounter, IdempotencyRecord, IdempotencySnapshot
+from tests.browser import chromium
 from tests.factories import UserFactory
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "img" / "admin-dashboard.png"
 # (method, path, share of traffic, replay rate, 409 rate, 422 rate)
 ENTRY_POINTS = [
@@ -38,33 +35,7 @@ SCOPES = {"CALL": "function:billing.reconcile", "TASK": "task:emails.send_receip
 
 @pytest.fixture
 def browser():
-    if not (CHROMIUM and CHROMEDRIVER):
-        if os.environ.get("CI"):
-            pytest.fail("chromium and chromium-driver must be installed in CI (.ci/run does it)")
-        pytest.skip("Debian's chromium and chromium-driver are not installed")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(prefix="idempotency-chromium-")
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1280,1000",
-        "--hide-scrollbars",
-        f"--user-data-dir={profile}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
-    driver.implicitly_wait(5)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+    yield from chromium("--window-size=1280,1000", "--hide-scrollbars")
 
 
 def seed_a_day_of_traffic() -> int:
