@@ -41,6 +41,21 @@ DEFAULTS: dict[str, Any] = {
     "REPLAY_HEADER": "Idempotent-Replayed",
     # Dotted path to a storage class; the database storage is the default.
     "STORAGE": "idempotency_django.storage.database.DatabaseStorage",
+    # Dotted path to ``f(operation, request) -> alias | None`` choosing the database alias
+    # for an operation's record and its work's transaction (a tenant per database); ``request``
+    # is None outside HTTP. None (or a None answer): the routers' alias for the records.
+    "DATABASE_FOR": None,
+    # The Redis storage (idempotency_django.storage.redis): where Redis is, whether it is a
+    # Redis Cluster, extra keyword arguments for the client (TLS certificates, timeouts), or
+    # a dotted path to a zero-argument callable returning a redis-py client of your own.
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    "REDIS_CLUSTER": False,
+    "REDIS_OPTIONS": {},
+    "REDIS_CLIENT": None,
+    "REDIS_KEY_PREFIX": "idempotency",
+    # The cache-accelerated database storage (idempotency_django.storage.cached): the alias
+    # in Django's CACHES that completed responses are copied to.
+    "CACHE": "default",
     # For deployments without Celery beat: the fraction of executed requests (0.0 to 1.0)
     # after which one small batch of expired records is deleted. 0 disables it.
     "CLEANUP_PROBABILITY": 0.0,
@@ -72,7 +87,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # Settings holding a dotted path that is imported on first access.
-IMPORT_STRINGS = ("SCOPE", "FINGERPRINT", "STORAGE")
+IMPORT_STRINGS = ("SCOPE", "FINGERPRINT", "STORAGE", "DATABASE_FOR", "REDIS_CLIENT")
 
 # Settings given as a duration: a timedelta or a number of seconds.
 DURATIONS = ("TTL", "PROCESSING_TIMEOUT", "WAIT_TIMEOUT", "ISSUED_KEY_MAX_AGE")

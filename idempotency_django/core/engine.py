@@ -192,6 +192,9 @@ def _execute(
                 with monitoring.phase("complete"):
                     if not storage.complete(claim, result.stored, ttl=policy.ttl):
                         raise _LeaseLost
+            # A storage outside the transaction: still the owner, lease renewed, or roll back.
+            elif not storage.confirm(claim, lease=policy.lease):
+                raise _LeaseLost
     except _StoreAfterRollback as deferred:
         # The work's writes are rolled back; its (final) result is still the one to replay.
         result = deferred.result
@@ -223,8 +226,8 @@ def _execute(
     if not completed_inside:
         # A storage outside the database transaction completes after the commit (the
         # window this leaves is the storage's documented trade-off).
-        with monitoring.phase("complete"):
-            storage.after_commit(claim, result.stored, ttl=policy.ttl)
+        stored = result.stored
+        unit.after_commit(lambda: _complete_after_commit(storage, claim, stored, policy))
     return Answer(
         Outcome.EXECUTED,
         claim,
@@ -233,6 +236,36 @@ def _execute(
         taken_over=claim.taken_over,
         storage=storage,
     )
+
+
+def _complete_after_commit(
+    storage: BaseStorage, claim: Claim, stored: StoredResponse, policy: Policy
+) -> None:
+    """Store the result of committed work. The work's writes stand whatever happens here,
+    so the caller gets its result: a failure is logged (a retry may then run the work
+    again once the lease runs out: the window the storage documents)."""
+    try:
+        with monitoring.phase("complete"):
+            kept = storage.after_commit(claim, stored, ttl=policy.ttl)
+    except Exception as error:
+        if not storage.is_unavailable(error):
+            raise
+        logger.error(
+            "idempotency key %r in scope %r: the work committed but its result could not be "
+            "stored (the storage is unavailable); a retry after the lease runs out runs it "
+            "again",
+            claim.key,
+            claim.scope,
+            exc_info=error,
+        )
+        return
+    if not kept:
+        logger.error(
+            "idempotency key %r in scope %r: the work committed but its lease was taken over "
+            "before its result was stored",
+            claim.key,
+            claim.scope,
+        )
 
 
 def _failed(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from django.core.signals import setting_changed
+
 from idempotency_django.conf import idempotency_settings
 from idempotency_django.storage.base import (
     BaseStorage,
@@ -32,10 +34,19 @@ _instances: dict[type, BaseStorage] = {}
 
 
 def get_storage() -> BaseStorage:
-    """The configured storage, instantiated once per class."""
+    """The configured storage, instantiated once per class (again after the settings
+    change: a storage may hold a client built from them)."""
     cls: type[BaseStorage] = idempotency_settings.STORAGE
     try:
         return _instances[cls]
     except KeyError:
         instance = _instances[cls] = cls()
         return instance
+
+
+def _forget_instances(*, setting: str, **kwargs: object) -> None:
+    if setting == "IDEMPOTENCY":
+        _instances.clear()
+
+
+setting_changed.connect(_forget_instances)

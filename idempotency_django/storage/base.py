@@ -6,14 +6,15 @@ storage that keeps records elsewhere is one subclass, with no change to the engi
 
 from __future__ import annotations
 
+import copy
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
 
-from django.db import transaction
+from django.db import connections, transaction
 from django.db.transaction import TransactionManagementError
 
 
@@ -105,6 +106,16 @@ class UnitOfWork:
     ) -> bool | None:
         return self._stack.__exit__(kind, error, traceback)
 
+    def after_commit(self, step: Callable[[], None]) -> None:
+        """Run ``step`` once the work's writes are durable: at once when the unit's
+        transaction was the outermost one (it has committed), or when the enclosing
+        transaction commits (``ATOMIC_REQUESTS``). If that transaction rolls back, ``step``
+        never runs."""
+        if connections[self.storage.alias].in_atomic_block:
+            transaction.on_commit(step, using=self.storage.alias, robust=True)
+        else:
+            step()
+
     def rollback_pending(self) -> bool:
         """Whether the work marked its transaction for rollback."""
         return any(transaction.get_rollback(using=alias) for alias in self.aliases)
@@ -146,16 +157,31 @@ class BaseStorage:
         must roll back."""
         raise NotImplementedError
 
+    def confirm(self, claim: Claim, *, lease: timedelta) -> bool:
+        """For a storage that does not join the transaction: called inside the work's
+        transaction just before it commits. True if ``claim`` still owns the key (and its
+        lease is renewed for ``lease``, so that it outlives the commit); False rolls the
+        work back, as a lost lease does."""
+        return True
+
     def after_commit(
         self, claim: Claim, response: StoredResponse, *, ttl: timedelta | None
-    ) -> None:
+    ) -> bool:
         """For a storage that does not join the transaction: store ``response`` now that the
-        work's transaction has committed (by default, :meth:`complete`)."""
-        self.complete(claim, response, ttl=ttl)
+        work's transaction has committed (by default, :meth:`complete`). False if ownership
+        was lost in between: the work's writes stand and the result is not stored."""
+        return self.complete(claim, response, ttl=ttl)
 
     def release(self, claim: Claim) -> bool:
         """Forget the key if ``claim`` still owns it, so the client may retry at once."""
         raise NotImplementedError
+
+    def bind(self, alias: str) -> BaseStorage:
+        """This storage with its work's transaction (and, for a database storage, its
+        records) on database ``alias``: what ``DATABASE_FOR`` picks per operation."""
+        bound = copy.copy(self)
+        bound.alias = alias
+        return bound
 
     def unit_of_work(self, using: Sequence[str] = ()) -> UnitOfWork:
         """The transaction the work runs in (see :class:`UnitOfWork`)."""

@@ -72,10 +72,16 @@ class DatabaseStorage(BaseStorage):
     """
 
     joins_transaction = True
+    # Set by bind() (DATABASE_FOR): records on that alias instead of the routers' choice.
+    _bound_alias: str | None = None
 
     @property
-    def alias(self) -> str:  # type: ignore[override]
-        return router.db_for_write(IdempotencyRecord) or "default"
+    def alias(self) -> str:
+        return self._bound_alias or router.db_for_write(IdempotencyRecord) or "default"
+
+    @alias.setter
+    def alias(self, value: str) -> None:
+        self._bound_alias = value
 
     def _records(self) -> Any:
         return IdempotencyRecord.objects.using(self.alias)
