@@ -26,7 +26,8 @@ from idempotency_django.conf import (
 
 _DOC = "See the configuration reference in the idempotency_django documentation."
 
-_BOOLS = ("REQUIRED", "ASYNC_CLAIM_COMMIT")
+_BOOLS = ("REQUIRED", "ASYNC_CLAIM_COMMIT", "REDIS_CLUSTER")
+_NAMES = ("REDIS_URL", "REDIS_KEY_PREFIX", "CACHE")
 _HEADER_NAMES = ("HEADER", "REPLAY_HEADER", "OUTGOING_HEADER")
 _KEY_SOURCES = ("client", "server", "either")
 _TOKEN_CHARS = set("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -38,7 +39,8 @@ def check_settings(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
     Errors: E001 not a dict, E002 unknown key, E003 wrong type or value, E004 dotted path
     that cannot be imported. Warnings: W001 SQLite (no row locks, one writer at a time),
     W002 a TTL (the setting's, or a view's own in the URLconf) not longer than
-    PROCESSING_TIMEOUT, W003 models routed to another database than the records.
+    PROCESSING_TIMEOUT, W003 models routed to another database than the records, W004 a
+    storage that does not join the work's transaction.
     """
     value = getattr(settings, SETTING_NAME, {})
     if not isinstance(value, dict):
@@ -107,6 +109,10 @@ def _type_problem(name: str, value: Any) -> str | None:
         not isinstance(value, str) or not value or set(value) - _TOKEN_CHARS
     ):
         return "must be an HTTP header name."
+    if name in _NAMES and (not isinstance(value, str) or not value):
+        return "must be a non-empty string."
+    if name == "REDIS_OPTIONS" and not isinstance(value, dict):
+        return "must be a dict of keyword arguments for the redis-py client."
     if name == "KEY_SOURCE" and value not in _KEY_SOURCES:
         return f"must be one of {', '.join(map(repr, _KEY_SOURCES))}."
     if name in ("METHODS", "OUTGOING_METHODS") and (
@@ -167,7 +173,32 @@ def _warnings(value: dict[str, Any]) -> list[CheckMessage]:
                 id="idempotency_django.W002",
             )
         )
+    messages.extend(_storage_warnings(value))
     return messages
+
+
+def _storage_warnings(value: dict[str, Any]) -> list[CheckMessage]:
+    path = value.get("STORAGE", DEFAULTS["STORAGE"])
+    try:
+        storage = import_string(path) if isinstance(path, str) else path
+    except ImportError:
+        return []  # E004 says so
+    if getattr(storage, "joins_transaction", True):
+        return []
+    return [
+        Warning(
+            f"The storage {getattr(storage, '__qualname__', storage)} keeps records outside "
+            "the database: a result is stored after the work's transaction commits, not "
+            "with it.",
+            hint="If a process dies between the commit and the result's write (a few "
+            "milliseconds), the record stays in flight until PROCESSING_TIMEOUT and a retry "
+            "then runs the work again. Choose such a store for handlers without database "
+            "writes, or where speed matters more than that window; otherwise keep the "
+            "database storage (or CachedDatabaseStorage). Silence with "
+            "SILENCED_SYSTEM_CHECKS = ['idempotency_django.W004'].",
+            id="idempotency_django.W004",
+        )
+    ]
 
 
 @dataclass(frozen=True)
