@@ -11,6 +11,9 @@ from rest_framework.test import APIClient
 
 from tests.factories import UserFactory
 
+# The real Redis servers' fixtures (redis_server, redis_tls_server, redis_cluster, ...).
+pytest_plugins = ["tests.redis_servers"]
+
 SERVER_DATABASES = ("postgresql", "mysql")
 
 

@@ -243,8 +243,12 @@ class RedisStorage(BaseStorage):
     def record_key(self, scope: str, key: str) -> str:
         """The Redis key of (scope, key)'s record: a hash of both, so any characters and
         lengths are safe, wrapped in a hash tag (``{...}``) for Redis Cluster."""
-        digest = hashlib.sha256(f"{scope}\x00{key}".encode()).hexdigest()[:40]
-        return f"{idempotency_settings.REDIS_KEY_PREFIX}:{{{digest}}}"
+        return f"{idempotency_settings.REDIS_KEY_PREFIX}:{{{self.digest(scope, key)}}}"
+
+    @staticmethod
+    def digest(scope: str, key: str) -> str:
+        """The hash naming (scope, key)'s record: 40 hex digits of SHA-256."""
+        return hashlib.sha256(f"{scope}\x00{key}".encode()).hexdigest()[:40]
 
     # -- the contract ---------------------------------------------------------------------
 
