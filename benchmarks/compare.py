@@ -33,6 +33,8 @@ VARIANTS = [
     "atomic",  # reference: the bare handler inside transaction.atomic(), no idempotency
     "idempotency_django",
     "idempotency_django_metrics",  # the same with Prometheus and OpenTelemetry on
+    "idempotency_django_redis",  # the Redis storage
+    "idempotency_django_cached",  # the cache-accelerated database storage
     "django_idempotency_key",
     "djangorestframework_idempotency_key",
     "drf_idempotency",

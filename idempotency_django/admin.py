@@ -25,6 +25,7 @@ from django.utils.translation import ngettext
 
 from idempotency_django import dashboard, maintenance
 from idempotency_django.models import IdempotencyCounter, IdempotencyRecord, IdempotencySnapshot
+from idempotency_django.storage.cached import invalidating
 
 # Below this many rows the changelist counts exactly; above it, on PostgreSQL, an unfiltered
 # changelist uses the planner's estimate instead of a COUNT(*) over the whole table.
@@ -197,6 +198,15 @@ class IdempotencyRecordAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    # Deleting a record deletes its cached copy too (CachedDatabaseStorage; a no-op else).
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        with invalidating([(obj.scope, obj.key)]):
+            super().delete_model(request, obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        with invalidating(queryset.values_list("scope", "key")):
+            super().delete_queryset(request, queryset)
 
     @admin.display(description=_("path"), ordering="path")
     def short_path(self, record: IdempotencyRecord) -> str:

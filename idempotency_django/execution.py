@@ -25,7 +25,7 @@ from idempotency_django.core import Answer, Operation, Outcome, Policy, Result, 
 from idempotency_django.core import perform as perform_operation
 from idempotency_django.models import IdempotencyRecord
 from idempotency_django.natural import NaturalKey
-from idempotency_django.storage import BaseStorage, get_storage
+from idempotency_django.storage import BaseStorage, storage_for
 
 logger = logging.getLogger("idempotency_django")
 
@@ -162,8 +162,6 @@ def _run(
     try:
         scope = http.scope(request)
         observed.identify(scope, key)
-        if options.resolved_key_source() == "server" and client_key is not None:
-            _check_issued(scope, client_key)
         operation = Operation(
             scope=scope,
             key=key,
@@ -171,6 +169,11 @@ def _run(
             method=method,
             path=request.get_full_path(),
         )
+        # DATABASE_FOR may choose the database from any part of the operation, so the
+        # operation is complete before the storage (and the issued-key lookup) is chosen.
+        storage = storage_for(operation, request)
+        if options.resolved_key_source() == "server" and client_key is not None:
+            _check_issued(storage, scope, client_key)
     except http.IdempotencyError as error:
         return _refused(error, observed)
     context = {
@@ -184,7 +187,6 @@ def _run(
         status = result.value.status_code if result is not None else None
         signals.released.send(**context, status=status)
 
-    storage = get_storage()
     try:
         answer = perform_operation(
             operation, _unit_of_work(call), options.policy(), storage=storage, released=released
@@ -199,14 +201,15 @@ def _run(
     return response
 
 
-def _check_issued(scope: str, key: str) -> None:
+def _check_issued(storage: BaseStorage, scope: str, key: str) -> None:
     """Raise ``KeyUnknown`` unless this server issued ``key`` to ``scope``. A key past
-    ``ISSUED_KEY_MAX_AGE`` still replays the response it already has: the retry of an
-    operation that completed is never refused."""
+    ``ISSUED_KEY_MAX_AGE`` still replays the response it already has (looked up in
+    ``storage``, the operation's database): the retry of an operation that completed is
+    never refused."""
     try:
         issued.verify(scope, key)
     except issued.Unknown as unknown:
-        if unknown.expired and get_storage().lookup(scope, key) is not None:
+        if unknown.expired and storage.lookup(scope, key) is not None:
             return
         raise http.KeyUnknown(str(unknown)) from None
 

@@ -27,7 +27,7 @@ from idempotency_django import monitoring, results
 from idempotency_django.conf import CONFLICT_CHOICES, idempotency_settings, to_timedelta
 from idempotency_django.core import Operation, Outcome, Policy, Result, ResultTooLarge, perform
 from idempotency_django.http import canonical_json
-from idempotency_django.storage import get_storage
+from idempotency_django.storage import storage_for
 
 logger = logging.getLogger("idempotency_django")
 
@@ -320,7 +320,9 @@ def _call(
     operation: Operation,
     observed: monitoring.Operation,
 ) -> Any:
-    storage = get_storage()
+    # No request outside HTTP: DATABASE_FOR chooses from the operation (or a context
+    # variable the caller set, e.g. the current tenant).
+    storage = storage_for(operation)
 
     def work() -> Result:
         try:
@@ -328,7 +330,7 @@ def _call(
         except spec.final as error:
             # A final outcome: stored and raised again for duplicates; the call's writes roll
             # back, as they would in atomic() (the storage keeps the outcome on its own).
-            for alias in [storage.alias, *spec.using]:
+            for alias in dict.fromkeys([storage.alias, *spec.using]):
                 transaction.set_rollback(True, using=alias)
             return Result(_Raised(error), results.raised(error), keep_after_rollback=True)
         return Result(value, results.returned(value, spec.serializer))

@@ -15,15 +15,24 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db import DatabaseError, OperationalError, connections, models, transaction
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    DatabaseError,
+    OperationalError,
+    connections,
+    models,
+    router,
+    transaction,
+)
 from django.db.models import Count, Exists, Max, Min, OuterRef, Q, QuerySet, Sum
 from django.utils import timezone
+from django.utils.connection import ConnectionDoesNotExist
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -295,6 +304,96 @@ def delete_orphaned_counters(
     return CleanupResult(deleted, batches, time.monotonic() - started, longest)
 
 
+@dataclass(frozen=True)
+class DatabaseCleanup:
+    """One database's part of :func:`clean_up_databases`: its ``result``, the ``error``
+    that stopped it, or why it was ``skipped`` (it holds no records to clean)."""
+
+    alias: str
+    result: CleanupResult | None = None
+    error: DatabaseError | None = None
+    skipped: str | None = None
+
+
+def records_alias() -> str:
+    """The alias the routers choose for writing records: where cleanup runs by default."""
+    from idempotency_django.models import IdempotencyRecord
+
+    return router.db_for_write(IdempotencyRecord) or DEFAULT_DB_ALIAS
+
+
+def clean_up_databases(
+    databases: Sequence[str] | None = None,
+    *,
+    all_databases: bool = False,
+    batch_size: int = DEFAULT_CLEANUP_BATCH_SIZE,
+    dry_run: bool = False,
+    pause: float = 0.0,
+) -> list[DatabaseCleanup]:
+    """A full cleanup run (:func:`delete_expired`) on each alias of ``databases`` (default:
+    :func:`records_alias`), or with ``all_databases`` on every alias of
+    ``settings.DATABASES`` that holds records (``DATABASE_FOR`` may have put them on any):
+    the routers allow the idempotency models there, their tables exist, and the database
+    accepts writes (a read replica has the tables too; its primary's cleanup empties it).
+    A database error on one alias is reported in its entry and does not stop the others:
+    one tenant's database being down must not leave the rest uncleaned."""
+    from idempotency_django.models import IdempotencyRecord
+
+    if all_databases and databases:
+        raise ValueError("pass databases or all_databases, not both")
+    aliases = list(settings.DATABASES) if all_databases else list(databases or [records_alias()])
+    for alias in aliases:
+        if alias not in settings.DATABASES:
+            raise ConnectionDoesNotExist(f"The database alias {alias!r} is not in DATABASES.")
+    outcomes = []
+    for alias in dict.fromkeys(aliases):
+        try:
+            skipped = _why_no_records(alias) if all_databases else None
+            if skipped is not None:
+                outcomes.append(DatabaseCleanup(alias, skipped=skipped))
+                continue
+            result = IdempotencyRecord.objects.using(alias).delete_expired(
+                batch_size=batch_size, dry_run=dry_run, pause=pause
+            )
+        except DatabaseError as error:
+            outcomes.append(DatabaseCleanup(alias, error=error))
+            continue
+        outcomes.append(DatabaseCleanup(alias, result=result))
+    return outcomes
+
+
+def _why_no_records(alias: str) -> str | None:
+    """Why ``alias`` holds no records to clean, or ``None`` when it does."""
+    from idempotency_django.models import IdempotencyCounter, IdempotencyRecord
+
+    tables = (IdempotencyRecord, IdempotencyCounter)
+    if not all(router.allow_migrate_model(alias, model) for model in tables):
+        return "the database routers keep the idempotency models off it"
+    connection = connections[alias]
+    present = set(connection.introspection.table_names())
+    if not all(model._meta.db_table in present for model in tables):
+        return "no idempotency tables (not migrated)"
+    if _read_only(connection):
+        return "read-only (a replica)"
+    return None
+
+
+def _read_only(connection: BaseDatabaseWrapper) -> bool:
+    """Whether the server refuses writes: a PostgreSQL standby (or a read-only default),
+    a MariaDB/MySQL server with ``read_only`` (a replica; its SUPER users could still
+    write, which would break replication)."""
+    if connection.vendor == "postgresql":
+        sql = "SELECT current_setting('transaction_read_only') = 'on'"
+    elif connection.vendor == "mysql":
+        sql = "SELECT @@read_only"
+    else:
+        return False
+    with connection.cursor() as cursor:
+        cursor.execute(sql)
+        row = cursor.fetchone()
+    return bool(row and row[0])
+
+
 def expire(queryset: QuerySet[Any]) -> int:
     """The admin's *Expire selected records*: completed ones behave as absent from now on
     (by the database's clock), so the next request with their key executes. A record in
@@ -302,13 +401,17 @@ def expire(queryset: QuerySet[Any]) -> int:
     will complete (under REPEATABLE READ or SERIALIZABLE the owner's completion would fail).
     Returns how many changed (not those already expired, nor those in flight)."""
     from idempotency_django.models import IdempotencyRecord
+    from idempotency_django.storage.cached import invalidating
 
     now = DatabaseNow()
     changed = queryset.filter(
         Q(state=IdempotencyRecord.State.COMPLETED)
         & (Q(expires_at__isnull=True) | Q(expires_at__gt=now))
     )
-    return int(changed.update(expires_at=now))
+    # Cached copies go too (CachedDatabaseStorage). Of the whole selection: a record in
+    # flight now may complete, and be cached, before the UPDATE expires it.
+    with invalidating(queryset.values_list("scope", "key")):
+        return int(changed.update(expires_at=now))
 
 
 # The record's ``method`` of each entry point that is not an HTTP request.

@@ -8,6 +8,8 @@ Schedule it with Celery beat, for example hourly::
         "idempotency-cleanup": {
             "task": "idempotency_django.delete_expired_records",
             "schedule": 3600,
+            # With a database per tenant (DATABASE_FOR): every alias that holds records.
+            # "kwargs": {"all_databases": True},
         },
     }
 """
@@ -18,7 +20,7 @@ import inspect
 import logging
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from idempotency_django import results
 from idempotency_django.context import current_operation
@@ -31,6 +33,9 @@ from idempotency_django.functions import (
     call_idempotently,
     key_function,
 )
+
+if TYPE_CHECKING:
+    from idempotency_django.maintenance import CleanupResult
 
 try:
     from celery import Task, current_app, shared_task
@@ -56,23 +61,57 @@ IN_FLIGHT_CHOICES = ("retry", "skip", "wait")
 """What a duplicate that meets an in-flight original may do (``in_flight=``)."""
 
 
-def _delete_expired_records(batch_size: int | None = None, pause: float = 0.0) -> dict[str, Any]:
+def _delete_expired_records(
+    batch_size: int | None = None,
+    pause: float = 0.0,
+    databases: list[str] | None = None,
+    all_databases: bool = False,
+) -> dict[str, Any]:
     """Delete expired records in batches, then orphaned counter rows (see
-    ``IdempotencyRecordQuerySet.delete_expired``; ``batch_size`` defaults to its 5,000),
-    and return what was done: ``deleted``, ``batches``, ``seconds``,
-    ``longest_batch_seconds``, ``orphaned_counters``."""
+    ``IdempotencyRecordQuerySet.delete_expired``; ``batch_size`` defaults to its 5,000), on
+    the routers' alias for the records, on each alias in ``databases``, or with
+    ``all_databases`` on every alias that holds records (as ``idempotency_cleanup
+    --database``/``--all-databases``). Returns the totals, ``deleted``, ``batches``,
+    ``seconds``, ``longest_batch_seconds``, ``orphaned_counters``, and the same per alias
+    in ``databases`` (``skipped``: aliases holding no records, with the reason). If the
+    cleanup of an alias fails, the others are still cleaned, then its error is raised."""
     # Imported here: this module may be imported before the app registry is ready.
-    from idempotency_django.models import DEFAULT_CLEANUP_BATCH_SIZE, IdempotencyRecord
+    from idempotency_django.maintenance import clean_up_databases
+    from idempotency_django.models import DEFAULT_CLEANUP_BATCH_SIZE
 
-    result = IdempotencyRecord.objects.delete_expired(
-        batch_size=batch_size or DEFAULT_CLEANUP_BATCH_SIZE, pause=pause
+    outcomes = clean_up_databases(
+        databases,
+        all_databases=all_databases,
+        batch_size=batch_size or DEFAULT_CLEANUP_BATCH_SIZE,
+        pause=pause,
     )
+    for outcome in outcomes:
+        if outcome.error is not None:
+            logger.error(
+                "idempotency cleanup failed on database %r: %s", outcome.alias, outcome.error
+            )
+    failed = [outcome.error for outcome in outcomes if outcome.error is not None]
+    if failed:
+        raise failed[0]
+    done = {outcome.alias: outcome.result for outcome in outcomes if outcome.result is not None}
+    per_alias = {alias: _summary(result) for alias, result in done.items()}
     return {
-        "deleted": result.deleted,
-        "batches": result.batches,
-        "seconds": round(result.seconds, 3),
-        "longest_batch_seconds": round(result.longest_batch_seconds, 3),
-        "orphaned_counters": result.orphaned_counters,
+        **_summary(*done.values()),
+        "databases": per_alias,
+        "skipped": {outcome.alias: outcome.skipped for outcome in outcomes if outcome.skipped},
+    }
+
+
+def _summary(*results: CleanupResult) -> dict[str, Any]:
+    """The JSON-ready figures of one or more ``CleanupResult``s, added up."""
+    return {
+        "deleted": sum(result.deleted for result in results),
+        "batches": sum(result.batches for result in results),
+        "seconds": round(sum(result.seconds for result in results), 3),
+        "longest_batch_seconds": round(
+            max((result.longest_batch_seconds for result in results), default=0.0), 3
+        ),
+        "orphaned_counters": sum(result.orphaned_counters for result in results),
     }
 
 

@@ -51,6 +51,10 @@ def run_pytest(name: str, isolation: str | None, args: list[str]) -> bool:
     label = f"{name} ({host}:{port})" + (f" at {isolation.upper()}" if isolation else "")
     print(f"== test suite on {label}", flush=True)
     env = {**os.environ, "TEST_DATABASE": name}
+    # The PostgreSQL run also holds tests/test_database_for.py's tenant databases (two on
+    # PostgreSQL, one on MariaDB), when MariaDB is there to hold its one.
+    if name == "postgres" and reachable(*SERVERS["mariadb"]):
+        env.setdefault("TEST_TENANT_DATABASES", "1")
     if isolation is not None:
         env["TEST_ISOLATION"] = isolation
     started = time.monotonic()

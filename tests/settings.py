@@ -149,6 +149,15 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 SILENCED_SYSTEM_CHECKS = ["idempotency_django.W001"] if DATABASE == "sqlite" else []
 # A server started by a test (tests/test_faults.py) may be given its own settings, as JSON.
 IDEMPOTENCY: dict[str, object] = json.loads(os.environ.get("IDEMPOTENCY_TEST_SETTINGS", "{}"))
+# ... and a Redis cache for the cache-accelerated storage (tests/test_store_faults.py).
+if os.environ.get("IDEMPOTENCY_TEST_CACHE_URL"):
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        "idempotency": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": os.environ["IDEMPOTENCY_TEST_CACHE_URL"],
+        },
+    }
 
 # A process started by a test (Celery worker, gunicorn) uses the test database itself.
 if os.environ.get("IDEMPOTENCY_TEST_DB_NAME"):
@@ -193,3 +202,35 @@ DATABASES["other"] = {
         ),
     },
 }
+
+# --- A database per tenant (tests/test_database_for.py) -------------------------------------
+# Only with TEST_TENANT_DATABASES=1, so no other run sees more aliases than before. Two
+# PostgreSQL databases and one MariaDB database beside the default, on the servers the other
+# runs use; their names derive from PGDATABASE / MYSQL_DATABASE, so that concurrent runs with
+# other names never share a test database.
+if os.environ.get("TEST_TENANT_DATABASES") == "1":
+    import pymysql
+
+    pymysql.install_as_MySQLdb()
+    _pg_name = os.environ.get("PGDATABASE", "postgres")
+    _maria_name = os.environ.get("MYSQL_DATABASE", "test")
+    for _alias in ("tenant_pg_a", "tenant_pg_b"):
+        DATABASES[_alias] = {
+            "ENGINE": "django.db.backends.postgresql",
+            "HOST": os.environ.get("PGHOST", "127.0.0.1"),
+            "PORT": os.environ.get("PGPORT", "5432"),
+            "USER": os.environ.get("PGUSER", "postgres"),
+            "PASSWORD": os.environ.get("PGPASSWORD", ""),
+            "NAME": f"{_pg_name}_{_alias}",
+        }
+    DATABASES["tenant_maria"] = {
+        "ENGINE": "django.db.backends.mysql",
+        "HOST": os.environ.get("MYSQL_HOST", "127.0.0.1"),
+        "PORT": os.environ.get("MYSQL_PORT", "3306"),
+        "USER": os.environ.get("MYSQL_USER", "root"),
+        "PASSWORD": os.environ.get("MYSQL_PASSWORD", ""),
+        "NAME": f"{_maria_name}_tenant_maria",
+        "OPTIONS": {"charset": "utf8mb4"},
+        "TEST": {"CHARSET": "utf8mb4", "COLLATION": "utf8mb4_unicode_ci"},
+    }
+# --- end of the tenant databases -------------------------------------------------------------

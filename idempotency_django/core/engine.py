@@ -13,7 +13,7 @@ from typing import Any
 from idempotency_django import monitoring
 from idempotency_django.conf import idempotency_settings
 from idempotency_django.context import running
-from idempotency_django.storage import BaseStorage, Claim, ClaimOutcome, get_storage
+from idempotency_django.storage import BaseStorage, Claim, ClaimOutcome, storage_for
 from idempotency_django.storage.base import Operation, StoredResponse, WorkAborted
 
 logger = logging.getLogger("idempotency_django")
@@ -111,12 +111,13 @@ def perform(
     storage: BaseStorage | None = None,
     released: Callable[[Result | None], None] | None = None,
 ) -> Answer:
-    """Run ``work`` at most once per (scope, key) to a stored, final result.
+    """Run ``work`` at most once per (scope, key) to a stored, final result, in ``storage``
+    (by default the configured one, on the database ``DATABASE_FOR`` chooses).
 
     ``released`` is called when the key was released after the work failed (with the
     work's result, or ``None`` for an exception), before an exception propagates.
     """
-    storage = storage or get_storage()
+    storage = storage or storage_for(operation)
     try:
         with monitoring.phase("claim"):
             claim = _acquire(storage, operation, policy)

@@ -243,12 +243,17 @@ class RedisStorage(BaseStorage):
     def record_key(self, scope: str, key: str) -> str:
         """The Redis key of (scope, key)'s record: a hash of both, so any characters and
         lengths are safe, wrapped in a hash tag (``{...}``) for Redis Cluster."""
-        return f"{idempotency_settings.REDIS_KEY_PREFIX}:{{{self.digest(scope, key)}}}"
+        digest = self.digest(scope, key, database=self.alias)
+        return f"{idempotency_settings.REDIS_KEY_PREFIX}:{{{digest}}}"
 
     @staticmethod
-    def digest(scope: str, key: str) -> str:
-        """The hash naming (scope, key)'s record: 40 hex digits of SHA-256."""
-        return hashlib.sha256(f"{scope}\x00{key}".encode()).hexdigest()[:40]
+    def digest(scope: str, key: str, database: str = "default") -> str:
+        """The hash naming (scope, key)'s record: 40 hex digits of SHA-256. A storage bound
+        to another database than ``default`` (``DATABASE_FOR``: a tenant per database) keeps
+        its records apart: the same key of two tenants is two operations, as it is with the
+        database storage."""
+        name = f"{scope}\x00{key}" if database == "default" else f"{database}\x00{scope}\x00{key}"
+        return hashlib.sha256(name.encode()).hexdigest()[:40]
 
     # -- the contract ---------------------------------------------------------------------
 
