@@ -171,6 +171,7 @@ def _execute(
 ) -> Answer:
     unit = storage.unit_of_work(policy.using)
     completed_inside = storage.joins_transaction
+    confirmed = False  # a storage outside the transaction confirmed: the commit comes next
     try:
         # The operation is current for the work and for the on_commit callbacks it registers
         # (they run as the unit's transaction commits, inside this block).
@@ -196,6 +197,8 @@ def _execute(
             # A storage outside the transaction: still the owner, lease renewed, or roll back.
             elif not storage.confirm(claim, lease=policy.lease):
                 raise _LeaseLost
+            else:
+                confirmed = True
     except _StoreAfterRollback as deferred:
         # The work's writes are rolled back; its (final) result is still the one to replay.
         result = deferred.result
@@ -223,7 +226,22 @@ def _execute(
     except _LeaseLost:
         return _lease_lost(storage, claim)
     except BaseException as error:
-        return _failed(storage, claim, unit.lost(error), error, released)
+        lost = unit.lost(error)
+        if confirmed and lost:
+            # The connection died during the commit, which may have landed: releasing the
+            # key would let a retry run the work again. It stays in flight until its lease
+            # runs out (the database storage needs no such care: its completion is in that
+            # same commit).
+            logger.error(
+                "idempotency key %r in scope %r: the database connection was lost while the "
+                "work committed; the key is kept until its lease runs out",
+                claim.key,
+                claim.scope,
+                exc_info=error,
+            )
+            storage.abandon()
+            return Answer(Outcome.UNAVAILABLE, claim, storage=storage)
+        return _failed(storage, claim, lost, error, released)
     if not completed_inside:
         # A storage outside the database transaction completes after the commit (the
         # window this leaves is the storage's documented trade-off).
@@ -249,12 +267,11 @@ def _complete_after_commit(
         with monitoring.phase("complete"):
             kept = storage.after_commit(claim, stored, ttl=policy.ttl)
     except Exception as error:
-        if not storage.is_unavailable(error):
-            raise
+        # Whatever the error (unreachable, out of memory, a bug): the work is committed, so
+        # the caller gets its result and the error is logged.
         logger.error(
             "idempotency key %r in scope %r: the work committed but its result could not be "
-            "stored (the storage is unavailable); a retry after the lease runs out runs it "
-            "again",
+            "stored; a retry after the lease runs out runs it again",
             claim.key,
             claim.scope,
             exc_info=error,

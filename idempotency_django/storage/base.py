@@ -13,6 +13,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
+from typing import Any
 
 from django.db import connections, transaction
 from django.db.transaction import TransactionManagementError
@@ -96,6 +97,9 @@ class UnitOfWork:
             for alias in self.aliases:
                 stack.enter_context(transaction.atomic(using=alias))
             self._stack = stack.pop_all()
+        self._hooks_before = {
+            alias: len(connections[alias].run_on_commit) for alias in self.aliases
+        }
         return self
 
     def __exit__(
@@ -104,6 +108,13 @@ class UnitOfWork:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> bool | None:
+        if kind is None:
+            # transaction.on_commit callbacks the work registered run as this unit commits.
+            # One that raises must not turn the committed work into an error (and a
+            # released key): they are made robust (Django logs a robust callback's error on
+            # the ``django.db.backends.base`` logger and runs the next one).
+            for alias, before in getattr(self, "_hooks_before", {}).items():
+                _make_robust(alias, before)
         return self._stack.__exit__(kind, error, traceback)
 
     def after_commit(self, step: Callable[[], None]) -> None:
@@ -215,3 +226,15 @@ class BaseStorage:
     def lookup(self, scope: str, key: str) -> StoredResponse | None:
         """The stored, unexpired response for (scope, key), if any. Writes nothing."""
         raise NotImplementedError
+
+
+def _make_robust(alias: str, before: int) -> None:
+    """Mark the on_commit callbacks registered after position ``before`` robust. Django
+    keeps them as (savepoint ids, callable, robust) triples; anything else is left alone."""
+    connection = connections[alias]
+    # django-stubs types the entries as pairs; Django 4.2+ keeps triples.
+    hooks: list[Any] = list(connection.run_on_commit)
+    if len(hooks) <= before or not all(len(hook) == 3 for hook in hooks[before:]):
+        return
+    robust = [(savepoints, func, True) for savepoints, func, _robust in hooks[before:]]
+    connection.run_on_commit = [*hooks[:before], *robust]  # type: ignore[list-item]

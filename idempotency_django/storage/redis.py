@@ -68,11 +68,15 @@ _CLAIM = (
 local lease_ms = tonumber(ARGV[3])
 local ttl_ms = tonumber(ARGV[4])
 local hold_ms = tonumber(ARGV[5])
-local r = redis.call('HMGET', KEYS[1], 'fp', 'state', 'lease', 'expires', 'created')
+local r = redis.call('HMGET', KEYS[1], 'fp', 'state', 'lease', 'expires', 'created', 'owner')
 if r[2] then
   local lease = tonumber(r[3]) or 0
   local expires = tonumber(r[4]) or 0
   local expired = expires > 0 and expires <= now
+  if r[6] == ARGV[2] and r[2] == 'p' then
+    -- this very claim, sent again by a client retry after a lost reply
+    return {'claimed', now, r[5]}
+  end
   if not (expired and (r[2] == 'c' or lease <= now)) then
     if r[1] ~= ARGV[1] then
       return {'mismatch', now, r[5]}
@@ -219,6 +223,10 @@ class RedisStorage(BaseStorage):
             if idempotency_settings.REDIS_CLUSTER:
                 from redis.cluster import RedisCluster
 
+                # A master that is down must cost only its own slots' keys (503 until its
+                # replica takes over), not every key: redis-py refuses a partial slot map
+                # by default.
+                options.setdefault("require_full_coverage", False)
                 client = RedisCluster.from_url(url, **options)
             else:
                 import redis
@@ -252,8 +260,9 @@ class RedisStorage(BaseStorage):
         to another database than ``default`` (``DATABASE_FOR``: a tenant per database) keeps
         its records apart: the same key of two tenants is two operations, as it is with the
         database storage."""
-        name = f"{scope}\x00{key}" if database == "default" else f"{database}\x00{scope}\x00{key}"
-        return hashlib.sha256(name.encode()).hexdigest()[:40]
+        # JSON, not a separator: no scope or key (NUL included) can pass for another pair.
+        parts = [scope, key] if database == "default" else [database, scope, key]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:40]
 
     # -- the contract ---------------------------------------------------------------------
 
@@ -369,5 +378,6 @@ class RedisStorage(BaseStorage):
             exceptions.TryAgainError,  # slots being moved
             exceptions.ReadOnlyError,  # a replica promoted under us, or a read-only server
             exceptions.RedisClusterException,  # no node reachable, a slot not covered
+            exceptions.OutOfMemoryError,  # maxmemory with noeviction: it cannot take a record
         )
         return isinstance(error, unreachable) or super().is_unavailable(error)

@@ -24,15 +24,13 @@ _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE", "MERGE")
 
 
 class DatabaseUnit(UnitOfWork):
-    """Adds two things to :class:`~idempotency_django.storage.base.UnitOfWork`:
+    """Adds these to :class:`~idempotency_django.storage.base.UnitOfWork`:
 
     * Django drops a connection whose rollback failed and reconnects as the outermost
       atomic block ends: a different driver connection afterwards means the old one was
       lost (answered "unavailable"), whatever the error said.
-    * ``transaction.on_commit`` callbacks the work registered run after the record's
-      completion has committed. One that raises must not turn that committed, stored answer
-      into an error for the client: they are made robust (Django logs a robust callback's
-      error on the ``django.db.backends.base`` logger and runs the next one).
+    * (As every unit of work) ``transaction.on_commit`` callbacks the work registered are
+      made robust: one that raises must not turn the committed, stored answer into an error.
     * With ``DEBUG``, writes the work sends to a database alias outside the unit (neither
       the records' alias nor one listed in ``using``) raise a ``RuntimeWarning``: they
       commit on their own, so a 5xx or a lost lease would not undo them, and a retry would
@@ -42,7 +40,6 @@ class DatabaseUnit(UnitOfWork):
     def __init__(self, storage: BaseStorage, using: Sequence[str]) -> None:
         super().__init__(storage, using)
         self._opened: Any = None
-        self._hooks_before: dict[str, int] = {}
         self._watch = ExitStack()
         self._outside: set[str] = set()
 
@@ -54,8 +51,6 @@ class DatabaseUnit(UnitOfWork):
                     watcher = self._watcher(alias)
                     self._watch.enter_context(connections[alias].execute_wrapper(watcher))
         super().__enter__()
-        for alias in self.aliases:
-            self._hooks_before[alias] = len(connections[alias].run_on_commit)
         return self
 
     def __exit__(
@@ -64,9 +59,6 @@ class DatabaseUnit(UnitOfWork):
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> bool | None:
-        if kind is None:
-            for alias, before in self._hooks_before.items():
-                _make_robust(alias, before)
         try:
             return super().__exit__(kind, error, traceback)
         finally:
@@ -96,15 +88,3 @@ class DatabaseUnit(UnitOfWork):
             and connections[self.storage.alias].connection is not self._opened
         )
         return replaced or super().lost(error)
-
-
-def _make_robust(alias: str, before: int) -> None:
-    """Mark the on_commit callbacks registered after position ``before`` robust. Django
-    keeps them as (savepoint ids, callable, robust) triples; anything else is left alone."""
-    connection = connections[alias]
-    # django-stubs types the entries as pairs; Django 4.2+ keeps triples.
-    hooks: list[Any] = list(connection.run_on_commit)
-    if len(hooks) <= before or not all(len(hook) == 3 for hook in hooks[before:]):
-        return
-    robust = [(savepoints, func, True) for savepoints, func, _robust in hooks[before:]]
-    connection.run_on_commit = [*hooks[:before], *robust]  # type: ignore[list-item]
