@@ -15,7 +15,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-import redis
 from django.core.cache import caches
 from django.core.cache.backends.base import memcache_key_warnings
 from django.db import connection, transaction
@@ -33,6 +32,8 @@ from idempotency_django.storage import cached, get_storage
 from tests.factories import IdempotencyRecordFactory
 from tests.test_concurrency import race
 from tests.testapp.models import Payment
+
+redis = pytest.importorskip("redis")  # the redis extra
 
 REDIS_URL = "redis://127.0.0.1:6379/3"
 CACHE = "idempotency"

@@ -199,6 +199,7 @@ class TestRedisStorage(StorageConformance):
     def storage(self, redis_server: Any) -> Any:
         from idempotency_django.storage.redis import RedisStorage
 
+        pytest.importorskip("redis")  # the redis extra
         return RedisStorage(client=redis_server.client())
 
 
@@ -210,6 +211,7 @@ class TestRedisClusterStorage(StorageConformance):
     def storage(self, redis_cluster: Any) -> Any:
         from idempotency_django.storage.redis import RedisStorage
 
+        pytest.importorskip("redis")  # the redis extra
         return RedisStorage(client=redis_cluster.client())
 
 
@@ -222,6 +224,7 @@ class TestCachedDatabaseStorage(StorageConformance):
     def storage(self, redis_server: Any, settings: Any) -> Any:
         from idempotency_django.storage.cached import CachedDatabaseStorage
 
+        pytest.importorskip("redis")  # the redis extra
         settings.CACHES = {
             **settings.CACHES,
             "conformance": {

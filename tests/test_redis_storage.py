@@ -10,11 +10,12 @@ import uuid
 from typing import Any
 
 import pytest
-import redis
 from django.core.checks import run_checks
 
 from idempotency_django.storage import get_storage
 from tests.testapp.models import Payment
+
+redis = pytest.importorskip("redis")  # the redis extra
 
 BODY = {"reference": "order-1", "amount": 100}
 REDIS = "idempotency_django.storage.redis.RedisStorage"
