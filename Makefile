@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test reliability test-schemathesis test-isolation test-celery test-sqlite test-postgres test-mariadb lint typecheck docs tox clean bench bench-cleanup bench-statements bench-tasks bench-dashboard
+.PHONY: demo test test-stores reliability test-schemathesis test-isolation test-celery test-sqlite test-postgres test-mariadb lint typecheck docs tox clean bench bench-cleanup bench-statements bench-tasks bench-dashboard
 
 # pytest exits with 5 when it collected no tests (a -k/-m that selects nothing): not a failure.
 PYTEST := $(BIN)/python -m pytest -q
@@ -23,8 +23,14 @@ demo: $(STAMP)
 ## test: the suite but the reliability set, on SQLite, then on PostgreSQL and MariaDB when
 ## they are reachable (set REQUIRE_SERVER_DATABASES=1 to fail instead of skipping one).
 test: $(STAMP)
-	TEST_DATABASE=sqlite $(PYTEST) -m "not reliability and not celery_worker" $(NOTHING_COLLECTED_IS_FINE)
-	$(BIN)/python tests/run_server_databases.py -m "not reliability and not celery_worker"
+	TEST_DATABASE=sqlite $(PYTEST) -m "not reliability and not celery_worker and not stores" $(NOTHING_COLLECTED_IS_FINE)
+	$(BIN)/python tests/run_server_databases.py -m "not reliability and not celery_worker and not stores"
+
+## test-stores: the behaviour, race and conformance suites over every store (database,
+## cached, Redis standalone and Redis Cluster), on SQLite, then PostgreSQL and MariaDB.
+test-stores: $(STAMP)
+	TEST_DATABASE=sqlite $(PYTEST) -m "stores and not reliability" $(NOTHING_COLLECTED_IS_FINE)
+	$(BIN)/python tests/run_server_databases.py -m "stores and not reliability"
 
 ## reliability: the fault, load, security and hostile-input tests alone, on SQLite, then on
 ## PostgreSQL and MariaDB (gunicorn against the real databases).
@@ -50,13 +56,13 @@ test-celery: $(STAMP)
 	TEST_DATABASE=postgres $(PYTEST) -m celery_worker tests/test_celery_tasks.py
 
 test-sqlite: $(STAMP)
-	TEST_DATABASE=sqlite $(PYTEST) -m "not reliability and not celery_worker" $(NOTHING_COLLECTED_IS_FINE)
+	TEST_DATABASE=sqlite $(PYTEST) -m "not reliability and not celery_worker and not stores" $(NOTHING_COLLECTED_IS_FINE)
 
 test-postgres: $(STAMP)
-	TEST_DATABASE=postgres $(PYTEST) -m "not reliability and not celery_worker" $(NOTHING_COLLECTED_IS_FINE)
+	TEST_DATABASE=postgres $(PYTEST) -m "not reliability and not celery_worker and not stores" $(NOTHING_COLLECTED_IS_FINE)
 
 test-mariadb: $(STAMP)
-	TEST_DATABASE=mariadb $(PYTEST) -m "not reliability and not celery_worker" $(NOTHING_COLLECTED_IS_FINE)
+	TEST_DATABASE=mariadb $(PYTEST) -m "not reliability and not celery_worker and not stores" $(NOTHING_COLLECTED_IS_FINE)
 
 ## docs: build the documentation site (MkDocs, warnings are errors) into site/.
 docs: $(STAMP)

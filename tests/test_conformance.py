@@ -25,6 +25,8 @@ from idempotency_django.storage.database import DatabaseStorage
 from idempotency_django.testing import StorageConformance
 from idempotency_django.testing.conformance import UNUSUAL_NAMES
 
+pytestmark = pytest.mark.stores  # make test-stores
+
 # MariaDB and MySQL keep the key in an ascii_bin column and the scope in utf8mb4_bin; both are
 # PAD SPACE collations there.
 ON_MYSQL = connection.vendor == "mysql"

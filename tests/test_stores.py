@@ -25,6 +25,7 @@ from tests.testapp.models import Payment
 BODY = {"reference": "order-1", "amount": 100}
 STORES = ("database", "redis", "redis_cluster", "cached")
 server_db = pytest.mark.requires_server_db
+pytestmark = pytest.mark.stores  # make test-stores
 
 
 @pytest.fixture(params=STORES)
