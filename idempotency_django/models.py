@@ -32,13 +32,22 @@ __all__ = [
 ]
 
 
+#: The MariaDB collation that compares text as the bytes of its UTF-8 form, trailing spaces
+#: included (NO PAD): ``'key'`` and ``'key '`` are two values, and any Unicode fits. MySQL has
+#: no collation of that name; :class:`CaseSensitiveCharField` uses MySQL's equivalent there.
+EXACT_COLLATION = "utf8mb4_nopad_bin"
+MYSQL_EXACT_COLLATION = "utf8mb4_0900_bin"
+
+
 class CaseSensitiveCharField(models.CharField):  # type: ignore[type-arg]
     """A CharField compared byte for byte on every backend.
 
     PostgreSQL and SQLite already compare text exactly; MySQL and MariaDB default to
     case-insensitive collations, under which the keys ``ABC`` and ``abc`` would collide
     in the unique constraint. The collation is chosen per connection so the migration
-    stays portable.
+    stays portable. ``mysql_collation=EXACT_COLLATION`` also keeps trailing spaces
+    significant (the default ``utf8mb4_bin`` is PAD SPACE: ``'a'`` equals ``'a '``); it is
+    ``utf8mb4_nopad_bin`` on MariaDB and ``utf8mb4_0900_bin`` on MySQL.
     """
 
     def __init__(self, *args: Any, mysql_collation: str = "utf8mb4_bin", **kwargs: Any) -> None:
@@ -54,7 +63,11 @@ class CaseSensitiveCharField(models.CharField):  # type: ignore[type-arg]
     def db_parameters(self, connection: BaseDatabaseWrapper) -> dict[str, Any]:
         params = super().db_parameters(connection)
         if connection.vendor == "mysql" and not self.db_collation:
-            params["collation"] = self.mysql_collation
+            collation = self.mysql_collation
+            mariadb = connection.mysql_is_mariadb  # type: ignore[attr-defined]
+            if collation == EXACT_COLLATION and not mariadb:
+                collation = MYSQL_EXACT_COLLATION
+            params["collation"] = collation
         return params
 
 
@@ -115,12 +128,13 @@ class IdempotencyRecord(models.Model):
     scope = CaseSensitiveCharField(
         _("scope"),
         max_length=255,
+        mysql_collation=EXACT_COLLATION,
         help_text=_("Who the key belongs to, by default the authenticated user's primary key."),
     )
     key = CaseSensitiveCharField(
         _("key"),
         max_length=255,
-        mysql_collation="ascii_bin",
+        mysql_collation=EXACT_COLLATION,
         help_text=_("The Idempotency-Key header value sent by the client."),
     )
     fingerprint = models.CharField(

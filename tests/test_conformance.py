@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.db import DatabaseError, connection
+from django.db import connection
 
 from idempotency_django.storage.base import (
     BaseStorage,
@@ -23,67 +23,20 @@ from idempotency_django.storage.base import (
 )
 from idempotency_django.storage.database import DatabaseStorage
 from idempotency_django.testing import StorageConformance
-from idempotency_django.testing.conformance import UNUSUAL_NAMES
 
 pytestmark = pytest.mark.stores  # make test-stores
 
-# MariaDB and MySQL keep the key in an ascii_bin column and the scope in utf8mb4_bin; both are
-# PAD SPACE collations there.
-ON_MYSQL = connection.vendor == "mysql"
-ASCII_KEYS = pytest.mark.xfail(
-    ON_MYSQL,
-    strict=True,
-    raises=DatabaseError,
-    reason=(
-        "the key column is ascii_bin on MariaDB/MySQL: a key with a non-ASCII character "
-        "fails the claim's read with error 1267 (illegal mix of collations), a 500; HTTP and "
-        "natural keys are visible ASCII, but idempotent functions and tasks accept any key"
-    ),
-)
-PAD_SPACE = pytest.mark.xfail(
-    ON_MYSQL,
-    strict=True,
-    reason=(
-        "ascii_bin and utf8mb4_bin are PAD SPACE collations on MariaDB: 'key' and 'key ' "
-        "compare equal in the unique constraint and the claim's read, so the second key "
-        "meets the first one's record (MISMATCH) instead of being a record of its own"
-    ),
-)
 
-
-class KeyColumnLimits(StorageConformance):
-    """The known failures of the records' key column on MariaDB/MySQL, for the stores that
-    keep records in the database table."""
+class DatabaseTableConformance(StorageConformance):
+    """The kit for the stores that keep records in the database table."""
 
     # Flushing only the package's tables after each test (the records are all these stores
     # write) instead of every app's halves the kit's run time on PostgreSQL; it also runs
     # the kit under a django_db mark of the subclass's own. TestMemoryStorage keeps the kit's.
     pytestmark = pytest.mark.django_db(transaction=True, available_apps=["idempotency_django"])
 
-    @pytest.mark.parametrize(
-        "kind",
-        [
-            pytest.param(kind, marks=ASCII_KEYS if kind in {"unicode", "longest-4-byte"} else ())
-            for kind in UNUSUAL_NAMES
-        ],
-    )
-    def test_unusual_key_is_stored_and_replayed(self, storage: BaseStorage, kind: str) -> None:
-        super().test_unusual_key_is_stored_and_replayed(storage, kind)
 
-    @PAD_SPACE
-    def test_keys_differing_only_in_a_trailing_space_are_distinct(
-        self, storage: BaseStorage
-    ) -> None:
-        super().test_keys_differing_only_in_a_trailing_space_are_distinct(storage)
-
-    @ASCII_KEYS
-    def test_keys_differing_only_in_unicode_normalisation_are_distinct(
-        self, storage: BaseStorage
-    ) -> None:
-        super().test_keys_differing_only_in_unicode_normalisation_are_distinct(storage)
-
-
-class TestDatabaseStorage(KeyColumnLimits):
+class TestDatabaseStorage(DatabaseTableConformance):
     def make_storage(self) -> BaseStorage:
         return DatabaseStorage()
 
@@ -222,7 +175,7 @@ class TestRedisClusterStorage(StorageConformance):
         return RedisStorage(client=redis_cluster.client())
 
 
-class TestCachedDatabaseStorage(KeyColumnLimits):
+class TestCachedDatabaseStorage(DatabaseTableConformance):
     """The cache-accelerated database storage, its cache on a redis-server of the run's own."""
 
     @pytest.fixture

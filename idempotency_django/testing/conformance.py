@@ -641,6 +641,16 @@ class StorageConformance:
     ) -> None:
         self._claim_both(storage, "caf\u00e9", "cafe\u0301")  # NFC and NFD of one word
 
+    def test_scopes_differing_only_in_a_trailing_space_are_distinct(
+        self, storage: BaseStorage
+    ) -> None:
+        # Scopes are opaque strings: a PAD SPACE collation (MariaDB's utf8mb4_bin) would
+        # make these two principals share one record.
+        one = self.operation()
+        other = self.operation(one.key, scope=f"{one.scope} ", fingerprint="fp-2")
+        self.claim(storage, one)
+        assert self.claim(storage, other).outcome is ClaimOutcome.CLAIMED
+
     def _claim_both(self, storage: BaseStorage, first: str, second: str) -> None:
         one = self.operation(first)
         other = self.operation(second, scope=one.scope, fingerprint="fp-2")
