@@ -35,6 +35,7 @@ VARIANTS = [
     "idempotency_django_metrics",  # the same with Prometheus and OpenTelemetry on
     "idempotency_django_redis",  # the Redis storage
     "idempotency_django_cached",  # the cache-accelerated database storage
+    "idempotency_django_transaction",  # CLAIM_MODE = "transaction"
     "django_idempotency_key",
     "djangorestframework_idempotency_key",
     "drf_idempotency",

@@ -17,6 +17,7 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils.module_loading import import_string
 
 from idempotency_django.conf import (
+    CLAIM_MODE_CHOICES,
     CONFLICT_CHOICES,
     DEFAULTS,
     DURATIONS,
@@ -133,6 +134,8 @@ def _type_problem(name: str, value: Any) -> str | None:
         return "must be a positive number of bytes, or None for no limit."
     if name == "CONFLICT" and value not in CONFLICT_CHOICES:
         return f"must be one of {', '.join(map(repr, CONFLICT_CHOICES))}."
+    if name == "CLAIM_MODE" and value not in CLAIM_MODE_CHOICES:
+        return f"must be one of {', '.join(map(repr, CLAIM_MODE_CHOICES))}."
     if name in IMPORT_STRINGS and value is not None and not isinstance(value, str):
         return "must be a dotted import path (a string) or None."
     return None

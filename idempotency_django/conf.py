@@ -29,6 +29,11 @@ DEFAULTS: dict[str, Any] = {
     "PROCESSING_TIMEOUT": timedelta(seconds=60),
     # "reject": answer 409 while the original is in flight; "wait": wait for it, then replay.
     "CONFLICT": "reject",
+    # "lease": the claim commits on its own (a "processing" record other requests see), then
+    # the handler's transaction completes it. "transaction": the claim is made inside the
+    # handler's transaction (one commit per first request; a dead worker's key is free at
+    # once); PostgreSQL only: SQLite, MariaDB and the Redis storage use the lease.
+    "CLAIM_MODE": "lease",
     # With CONFLICT="wait", the longest a retry waits before it is answered 409.
     "WAIT_TIMEOUT": timedelta(seconds=10),
     # Dotted path to ``f(request) -> str``; None uses the authenticated user's primary key.
@@ -93,6 +98,7 @@ IMPORT_STRINGS = ("SCOPE", "FINGERPRINT", "STORAGE", "DATABASE_FOR", "REDIS_CLIE
 DURATIONS = ("TTL", "PROCESSING_TIMEOUT", "WAIT_TIMEOUT", "ISSUED_KEY_MAX_AGE")
 
 CONFLICT_CHOICES = ("reject", "wait")
+CLAIM_MODE_CHOICES = ("lease", "transaction")
 
 
 def to_timedelta(value: timedelta | float | None) -> timedelta | None:

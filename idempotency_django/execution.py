@@ -75,6 +75,7 @@ class Options:
             conflict=self.resolved_conflict(),
             wait_timeout=idempotency_settings.WAIT_TIMEOUT,
             using=tuple(self.using or ()),
+            claim_mode=str(idempotency_settings.CLAIM_MODE),
         )
 
 

@@ -143,6 +143,7 @@ class CallSpec:
             conflict=self.conflict or idempotency_settings.CONFLICT,
             wait_timeout=wait,
             using=tuple(self.using),
+            claim_mode=str(idempotency_settings.CLAIM_MODE),
         )
 
     def operation(

@@ -234,3 +234,11 @@ if os.environ.get("TEST_TENANT_DATABASES") == "1":
         "TEST": {"CHARSET": "utf8mb4", "COLLATION": "utf8mb4_unicode_ci"},
     }
 # --- end of the tenant databases -------------------------------------------------------------
+
+# IDEMPOTENCY_TEST_CLAIM_MODE=transaction runs the suites in the "transaction" claim mode
+# (make test-transaction-mode): it is the default the tests' own IDEMPOTENCY overrides keep,
+# in the test process and in the servers the fault tests start.
+if os.environ.get("IDEMPOTENCY_TEST_CLAIM_MODE"):
+    from idempotency_django import conf as _idempotency_conf
+
+    _idempotency_conf.DEFAULTS["CLAIM_MODE"] = os.environ["IDEMPOTENCY_TEST_CLAIM_MODE"]

@@ -16,6 +16,7 @@ import pytest
 from django.db import connection, transaction
 
 from idempotency_django.models import IdempotencyRecord
+from tests.claim_modes import in_transaction_mode
 from tests.servers import GUNICORN, Answer, DatabaseProxy, Server, start_gunicorn, wait_for
 from tests.testapp.models import Payment
 
@@ -57,6 +58,9 @@ def _ignore_errors(call: Callable[[], Any]) -> None:
         call()
 
 
+@pytest.mark.skipif(
+    in_transaction_mode(), reason="the lease's behaviour (the transaction mode's: below)"
+)
 def test_worker_killed_mid_handler_blocks_with_409_until_the_lease_ends_then_runs_once(server):
     app = server(workers=1, PROCESSING_TIMEOUT=3)
     key, reference = str(uuid.uuid4()), f"killed-{uuid.uuid4().hex[:8]}"
@@ -85,6 +89,46 @@ def test_worker_killed_mid_handler_blocks_with_409_until_the_lease_ends_then_run
     assert headers["Idempotent-Replayed"] == "true"
 
 
+def test_transaction_mode_worker_killed_mid_handler_frees_the_key_at_once(server):
+    # CLAIM_MODE="transaction": the claim is the killed worker's uncommitted row, which the
+    # database discards with its transaction. No 409 until a lease runs out: the retry runs
+    # at once, and exactly one execution commits.
+    app = server(workers=1, PROCESSING_TIMEOUT=60, CLAIM_MODE="transaction")
+    key, reference = str(uuid.uuid4()), f"killed-tx-{uuid.uuid4().hex[:8]}"
+    body = {"reference": reference, "amount": 1, "sleep": 2}
+    original = _in_background(lambda: app.post(key, body))
+    # The claim is invisible until it commits: wait for the worker's open transaction.
+    _wait_for(lambda: _transactions_in_handlers() == 1, 10)
+    assert not IdempotencyRecord.objects.filter(key=key).exists()
+    for worker in app.workers():
+        os.kill(worker, signal.SIGKILL)
+    original.join(timeout=10)
+    _wait_for(lambda: len(app.workers()) == 1, 30)  # gunicorn replaces the dead worker
+    _wait_for(lambda: _transactions_in_handlers() == 0, 10)
+
+    status, created, headers = app.post(key, body)
+    assert status == 201, created
+    assert "Idempotent-Replayed" not in headers
+    assert created["reference"] == reference
+    assert Payment.objects.filter(reference=reference).count() == 1
+    status, replayed, headers = app.post(key, body)
+    assert (status, replayed) == (201, created)
+    assert headers["Idempotent-Replayed"] == "true"
+
+
+def _transactions_in_handlers() -> int:
+    """Sessions of other processes with a transaction open on the test database."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%%'"
+        )
+        return int(cursor.fetchone()[0])
+
+
+@pytest.mark.skipif(
+    in_transaction_mode(), reason="the lease's behaviour (the transaction mode's: below)"
+)
 def test_slow_original_taken_over_rolls_back_and_exactly_one_execution_commits(server):
     app = server(workers=2, PROCESSING_TIMEOUT=1)
     key, reference = str(uuid.uuid4()), f"slow-{uuid.uuid4().hex[:8]}"
@@ -187,7 +231,11 @@ def test_database_unreachable_for_a_moment_gives_503s_only_and_leaves_nothing_st
         args=(slow_key, {"reference": slow_key, "amount": 1, "sleep": 1}, time.monotonic() + 40),
     )
     slow.start()
-    wait_for(lambda: IdempotencyRecord.objects.filter(key=slow_key).exists(), 10)
+    if in_transaction_mode():
+        # Its claim is its transaction's own, invisible: wait for that transaction instead.
+        wait_for(lambda: _transactions_in_handlers() >= 1, 10)
+    else:
+        wait_for(lambda: IdempotencyRecord.objects.filter(key=slow_key).exists(), 10)
     database_proxy.cut()
     cut_at = time.monotonic()
     time.sleep(2)
@@ -223,6 +271,10 @@ def test_database_unreachable_for_a_moment_gives_503s_only_and_leaves_nothing_st
     slow_done = max(at for at, key, answer in answers if key == slow_key)
     assert first_success - restored_at < 2, "requests did not recover with the database"
     assert slow_done - cut_at < lease + 2.5
+    if in_transaction_mode():
+        # Its claim died with its transaction: no lease to wait out after the recovery.
+        assert not in_flight
+        assert slow_done - restored_at < 2.5
     print(
         f"\noutage {restored_at - cut_at:.1f} s: {len(answers)} requests, {len(keys)} operations, "
         f"{len(unavailable)} x 503, {len(in_flight)} x 409, 0 x 500; each operation committed "

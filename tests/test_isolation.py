@@ -33,6 +33,7 @@ from rest_framework.views import APIView
 from idempotency_django import maintenance
 from idempotency_django.mixins import IdempotentMixin
 from idempotency_django.models import IdempotencyRecord
+from tests.claim_modes import in_transaction_mode
 from tests.test_concurrency import Answer, _send, answer_of, race
 from tests.testapp.models import Payment
 from tests.testapp.views import _act
@@ -126,7 +127,9 @@ def test_retries_while_the_original_runs_get_409_and_422_and_the_original_commit
     # B (same body) and C (another body) are answered while A sleeps in its handler; what
     # they write about themselves (counters) must not touch the row A is about to complete,
     # or A's completion fails at REPEATABLE READ / SERIALIZABLE (40001, MariaDB 1020).
-    slow = {**BODY, "sleep": 1.5}
+    # In the transaction mode a duplicate waits up to a second (MariaDB's shortest lock wait)
+    # on the original's uncommitted claim: the original outlasts that wait.
+    slow = {**BODY, "sleep": 2.5 if in_transaction_mode() else 1.5}
     other = {**slow, "amount": 99}
     original, retry, mismatch = race(
         [
@@ -137,7 +140,14 @@ def test_retries_while_the_original_runs_get_409_and_422_and_the_original_commit
         stagger=0.3,
     )
     assert (retry.status, retry.code) == (409, "idempotency_key_in_use")
-    assert (mismatch.status, mismatch.code) == (422, "idempotency_key_mismatch")
+    if in_transaction_mode():
+        # The original's claim is not committed: its fingerprint cannot be read yet, so the
+        # other body waits on the key like any duplicate and is answered 409 (422 once the
+        # original has committed, below).
+        assert (mismatch.status, mismatch.code) == (409, "idempotency_key_in_use")
+        assert _send("/reads-first/", other, "iso-1").status == 422
+    else:
+        assert (mismatch.status, mismatch.code) == (422, "idempotency_key_mismatch")
     assert original.status == 201, original.body
     assert not original.replayed
     assert Payment.objects.count() == 1
@@ -159,6 +169,12 @@ def test_taken_over_original_meeting_the_changed_row_is_answered_409_not_500(ide
     original, retry = race(
         [("/reads-first/", slow, "iso-2"), ("/reads-first/", slow, "iso-2")], stagger=1.3
     )
+    if in_transaction_mode():
+        # No lease to take over: the retry is answered 409 while the original runs, and the
+        # original commits (no serialization failure, no 500).
+        assert (original.status, retry.status) == (201, 409), (original.body, retry.body)
+        assert Payment.objects.count() == 1
+        return
     assert retry.status == 201, retry.body
     assert not retry.replayed
     assert original.status == 409, original.body
@@ -271,6 +287,28 @@ def test_racing_retry_under_atomic_requests_is_answered_409_promptly():
     _, retry, elapsed = _original_and_timed_retry("/payments/", {**BODY, "sleep": 3}, "iso-4")
     assert (retry.status, retry.code) == (409, "idempotency_key_in_use"), (retry, elapsed)
     assert elapsed < 1.5, f"answered after {elapsed:.1f} s, blocked on the original"
+
+
+@pytest.mark.skipif(connection.vendor != "mysql", reason="InnoDB's lock wait")
+@pytest.mark.usefixtures("atomic_requests")
+def test_racing_retry_under_atomic_requests_on_mariadb_is_answered_409_within_a_second_or_so():
+    # Unbounded, the retry's INSERT waits for the original's commit (innodb_lock_wait_timeout
+    # is 50 s by default), and then replays: the wait is bounded for that one statement.
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT @@SESSION.innodb_lock_wait_timeout")
+        (before,) = cursor.fetchone()
+    join_original = _in_thread(lambda: _post("/payments/", {**BODY, "sleep": 4}, "iso-4m"))
+    time.sleep(0.3)
+    started = time.monotonic()
+    retry = _post("/payments/", {**BODY, "sleep": 4}, "iso-4m")
+    elapsed = time.monotonic() - started
+    assert join_original().status == 201
+    assert (retry.status, retry.code) == (409, "idempotency_key_in_use"), (retry, elapsed)
+    assert elapsed < 2.5, f"answered after {elapsed:.1f} s, blocked on the original"
+    assert Payment.objects.count() == 1
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT @@SESSION.innodb_lock_wait_timeout")
+        assert cursor.fetchone() == (before,)
 
 
 @postgres_only

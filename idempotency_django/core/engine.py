@@ -14,7 +14,13 @@ from idempotency_django import monitoring
 from idempotency_django.conf import idempotency_settings
 from idempotency_django.context import running
 from idempotency_django.storage import BaseStorage, Claim, ClaimOutcome, storage_for
-from idempotency_django.storage.base import Operation, StoredResponse, WorkAborted
+from idempotency_django.storage.base import (
+    Operation,
+    StaleSnapshot,
+    StoredResponse,
+    UnitOfWork,
+    WorkAborted,
+)
 
 logger = logging.getLogger("idempotency_django")
 
@@ -27,13 +33,17 @@ WAIT_MAX_DELAY = 1.0
 class Policy:
     """How one operation is run. ``conflict`` is ``"reject"`` (answer "in flight" at once)
     or ``"wait"`` (wait up to ``wait_timeout`` for the original, then replay). ``using``
-    names further database aliases whose transactions the unit of work joins."""
+    names further database aliases whose transactions the unit of work joins.
+    ``claim_mode`` is ``"lease"`` (the claim commits on its own, then the work's
+    transaction completes it) or ``"transaction"`` (the claim is made inside the work's
+    transaction: one commit; on a storage that cannot, the lease is used)."""
 
     ttl: timedelta | None
     lease: timedelta
     conflict: str = "reject"
     wait_timeout: timedelta = timedelta(seconds=10)
     using: Sequence[str] = ()
+    claim_mode: str = "lease"
 
 
 class Outcome(enum.Enum):
@@ -118,6 +128,9 @@ def perform(
     work's result, or ``None`` for an exception), before an exception propagates.
     """
     storage = storage or storage_for(operation)
+    on_release = released or (lambda result: None)
+    if policy.claim_mode == "transaction" and storage.claims_in_transaction():
+        return _perform_in_transaction(storage, operation, work, policy, on_release)
     try:
         with monitoring.phase("claim"):
             claim = _acquire(storage, operation, policy)
@@ -135,7 +148,7 @@ def perform(
         return Answer(Outcome.REPLAYED, claim, stored=claim.response, storage=storage)
     if claim.outcome is not ClaimOutcome.CLAIMED or claim.token is None:
         raise RuntimeError(f"refusing to run work without owning the key: {claim.outcome}")
-    return _execute(storage, claim, work, policy, released or (lambda result: None))
+    return _execute(storage, claim, work, policy, on_release)
 
 
 def _acquire(storage: BaseStorage, operation: Operation, policy: Policy) -> Claim:
@@ -162,6 +175,41 @@ def _check_size(stored: StoredResponse) -> None:
         raise ResultTooLarge(stored, limit)
 
 
+def _run_work(
+    storage: BaseStorage,
+    unit: UnitOfWork,
+    claim: Claim,
+    work: Callable[[], Result],
+    policy: Policy,
+) -> Result:
+    """Inside the unit's transaction: run the work, then complete the claim in that same
+    transaction (a storage that joins it) or confirm the claim is still owned (one that
+    does not). Raises what the caller turns into an answer: ``_NotFinal``,
+    ``_StoreAfterRollback``, ``_LeaseLost``, ``ResultTooLarge``, ``WorkAborted``."""
+    with monitoring.phase("handler", handler=True):
+        result = work()
+    if result.stored is None:
+        raise _NotFinal(result)
+    if unit.rollback_pending():
+        if result.keep_after_rollback:
+            raise _StoreAfterRollback(result)
+        raise WorkAborted(
+            "The work returned a final result after a database error it caught "
+            "inside the idempotency transaction, so its writes were rolled back. "
+            "Wrap the statement that may fail in its own transaction.atomic() block."
+        )
+    _check_size(result.stored)
+    # Same transaction as the work's writes: both commit, or neither does.
+    if storage.joins_transaction:
+        with monitoring.phase("complete"):
+            if not storage.complete(claim, result.stored, ttl=policy.ttl):
+                raise _LeaseLost
+    # A storage outside the transaction: still the owner, lease renewed, or roll back.
+    elif not storage.confirm(claim, lease=policy.lease):
+        raise _LeaseLost
+    return result
+
+
 def _execute(
     storage: BaseStorage,
     claim: Claim,
@@ -176,29 +224,8 @@ def _execute(
         # The operation is current for the work and for the on_commit callbacks it registers
         # (they run as the unit's transaction commits, inside this block).
         with running(claim.scope, claim.key), unit:
-            with monitoring.phase("handler", handler=True):
-                result = work()
-            if result.stored is None:
-                raise _NotFinal(result)
-            if unit.rollback_pending():
-                if result.keep_after_rollback:
-                    raise _StoreAfterRollback(result)
-                raise WorkAborted(
-                    "The work returned a final result after a database error it caught "
-                    "inside the idempotency transaction, so its writes were rolled back. "
-                    "Wrap the statement that may fail in its own transaction.atomic() block."
-                )
-            _check_size(result.stored)
-            # Same transaction as the work's writes: both commit, or neither does.
-            if completed_inside:
-                with monitoring.phase("complete"):
-                    if not storage.complete(claim, result.stored, ttl=policy.ttl):
-                        raise _LeaseLost
-            # A storage outside the transaction: still the owner, lease renewed, or roll back.
-            elif not storage.confirm(claim, lease=policy.lease):
-                raise _LeaseLost
-            else:
-                confirmed = True
+            result = _run_work(storage, unit, claim, work, policy)
+            confirmed = not completed_inside
     except _StoreAfterRollback as deferred:
         # The work's writes are rolled back; its (final) result is still the one to replay.
         result = deferred.result
@@ -246,6 +273,7 @@ def _execute(
         # A storage outside the database transaction completes after the commit (the
         # window this leaves is the storage's documented trade-off).
         stored = result.stored
+        assert stored is not None  # _run_work returns final results only
         unit.after_commit(lambda: _complete_after_commit(storage, claim, stored, policy))
     return Answer(
         Outcome.EXECUTED,
@@ -255,6 +283,187 @@ def _execute(
         taken_over=claim.taken_over,
         storage=storage,
     )
+
+
+class _Answered(Exception):
+    """Transaction mode: the claim was not won; leave the unit (nothing was written)."""
+
+    def __init__(self, claim: Claim) -> None:
+        self.claim = claim
+
+
+def _perform_in_transaction(
+    storage: BaseStorage,
+    operation: Operation,
+    work: Callable[[], Result],
+    policy: Policy,
+    released: Callable[[Result | None], None],
+) -> Answer:
+    """Transaction mode: the claim is the first statement of the work's transaction, so a
+    first request commits once, with its writes and its stored result. A concurrent
+    duplicate waits on the claim's uncommitted unique-index entry (bounded: a short lock
+    wait in reject mode, ``wait_timeout`` in wait mode) and then sees the committed result;
+    if the work fails, the rollback itself releases the key (a dead worker's too: the
+    database aborts its transaction)."""
+    try:
+        quick = storage.quick_answer(operation)
+    except Exception as error:
+        if not storage.is_unavailable(error):
+            raise
+        quick = None
+    if quick is not None:
+        return _answer(storage, quick)
+    wait = policy.wait_timeout if policy.conflict == "wait" else None
+    deadline = time.monotonic() + (wait.total_seconds() if wait is not None else 0.0)
+    delay = WAIT_FIRST_DELAY
+    stale = 0
+    while stale < 2:
+        unit = storage.unit_of_work(policy.using)
+        try:
+            with running(operation.scope, operation.key), unit:
+                with monitoring.phase("claim"):
+                    claim = storage.claim_in_transaction(
+                        operation, lease=policy.lease, ttl=policy.ttl, wait=wait, unit=unit
+                    )
+                # Not won: the unit ends as it is (it wrote nothing; what the claim's reads
+                # registered to run on commit, such as a cache fill, runs).
+                answered = claim.outcome is not ClaimOutcome.CLAIMED or claim.token is None
+                if not answered:
+                    result = _run_work(storage, unit, claim, work, policy)
+            if answered:
+                raise _Answered(claim)
+        except StaleSnapshot:
+            # The original committed while this claim waited for it, after this
+            # transaction's snapshot was taken (REPEATABLE READ, SERIALIZABLE): a new
+            # transaction sees its record.
+            stale += 1
+            if not unit.outermost:
+                break
+            continue
+        except _Answered as answered:
+            claim = answered.claim
+            remaining = deadline - time.monotonic()
+            if (
+                claim.outcome is ClaimOutcome.IN_FLIGHT
+                and claim.record_id is not None
+                and unit.outermost
+                and remaining > 0
+            ):
+                # Wait mode, and the key's owner is a committed "processing" record (a
+                # lease-mode claim): poll it, each time in a new transaction, as the lease
+                # mode does. (A claim still uncommitted was waited for on its index entry.)
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, WAIT_MAX_DELAY)
+                continue
+            return _answer(storage, claim)
+        except _StoreAfterRollback as deferred:
+            # The work marked its transaction for rollback, which undid the claim with its
+            # writes: the (final) result is stored by a claim of its own.
+            return _store_after_rollback(storage, operation, deferred.result, policy, released)
+        except ResultTooLarge as error:
+            logger.error("idempotency key: result larger than MAX_RESPONSE_SIZE (%s)", error)
+            released(None)
+            raise
+        except _NotFinal as discarded:
+            released(discarded.result)
+            return Answer(
+                Outcome.RELEASED,
+                value=discarded.result.value,
+                released=True,
+                storage=storage,
+            )
+        except _LeaseLost:
+            # Only a record claimed by a swap can be changed under its owner, and its row
+            # lock is held from the claim on: not expected, but rolled back all the same.
+            return Answer(Outcome.LEASE_LOST, storage=storage)
+        except BaseException as error:
+            if unit.lost(error):
+                logger.error(
+                    "idempotency key %r in scope %r: the storage connection was lost; the "
+                    "database rolls the work and its claim back together",
+                    operation.key,
+                    operation.scope,
+                    exc_info=error,
+                )
+                storage.abandon()
+                return Answer(Outcome.UNAVAILABLE, storage=storage)
+            released(None)
+            raise
+        return Answer(
+            Outcome.EXECUTED,
+            claim,
+            value=result.value,
+            stored=result.stored,
+            taken_over=claim.taken_over,
+            storage=storage,
+        )
+    return Answer(
+        Outcome.IN_FLIGHT,
+        Claim(
+            ClaimOutcome.IN_FLIGHT,
+            retry_after=timedelta(seconds=1),
+            scope=operation.scope,
+            key=operation.key,
+        ),
+        retry_after=timedelta(seconds=1),
+        storage=storage,
+    )
+
+
+def _answer(storage: BaseStorage, claim: Claim) -> Answer:
+    if claim.outcome is ClaimOutcome.MISMATCH:
+        return Answer(Outcome.MISMATCH, claim, storage=storage)
+    if claim.outcome is ClaimOutcome.REPLAY:
+        return Answer(Outcome.REPLAYED, claim, stored=claim.response, storage=storage)
+    if claim.outcome is ClaimOutcome.IN_FLIGHT:
+        return Answer(Outcome.IN_FLIGHT, claim, retry_after=claim.retry_after, storage=storage)
+    raise RuntimeError(f"refusing to run work without owning the key: {claim.outcome}")
+
+
+def _store_after_rollback(
+    storage: BaseStorage,
+    operation: Operation,
+    result: Result,
+    policy: Policy,
+    released: Callable[[Result | None], None],
+) -> Answer:
+    """Transaction mode, a final result whose work rolled back: claim the key again in a
+    transaction of its own and store the result. If another request holds the key by now,
+    this result is not kept (that request's is): the caller still gets it."""
+    assert result.stored is not None
+    stored = result.stored
+    try:
+        _check_size(stored)
+    except ResultTooLarge:
+        released(None)
+        raise
+    unit = storage.unit_of_work(policy.using)
+    claim: Claim | None = None
+    try:
+        with unit:
+            claim = storage.claim_in_transaction(
+                operation, lease=policy.lease, ttl=policy.ttl, wait=None, unit=unit
+            )
+            if claim.outcome is ClaimOutcome.CLAIMED and not storage.complete(
+                claim, stored, ttl=policy.ttl
+            ):
+                raise _LeaseLost
+    except (_LeaseLost, StaleSnapshot):
+        claim = None
+    except Exception as error:
+        if not unit.lost(error):
+            raise
+        storage.abandon()
+        return Answer(Outcome.UNAVAILABLE, storage=storage)
+    if claim is None or claim.outcome is not ClaimOutcome.CLAIMED:
+        logger.warning(
+            "idempotency key %r in scope %r: the work's writes rolled back and another "
+            "request holds the key; this final result is not stored",
+            operation.key,
+            operation.scope,
+        )
+        return Answer(Outcome.RELEASED, value=result.value, released=True, storage=storage)
+    return Answer(Outcome.EXECUTED, claim, value=result.value, stored=stored, storage=storage)
 
 
 def _complete_after_commit(

@@ -82,6 +82,12 @@ class WorkAborted(TransactionManagementError):
     (it caught a database error inside it): the result cannot be kept."""
 
 
+class StaleSnapshot(Exception):
+    """Raised by :meth:`BaseStorage.claim_in_transaction`: the key's record was committed
+    by a transaction this one's snapshot cannot see (it waited for it at REPEATABLE READ or
+    SERIALIZABLE). The engine retries the claim once in a new transaction."""
+
+
 class UnitOfWork:
     """The transaction a unit of work runs in: ``transaction.atomic()`` on the storage's
     alias and on every alias in ``using`` (nested, in that order: one commit after the
@@ -91,8 +97,12 @@ class UnitOfWork:
         self.storage = storage
         self.aliases = [storage.alias, *(alias for alias in using if alias != storage.alias)]
         self._stack = ExitStack()
+        #: Whether the unit's transaction on the storage's alias is the outermost one (no
+        #: ``ATOMIC_REQUESTS`` or other transaction around it): set as the unit is entered.
+        self.outermost = True
 
     def __enter__(self) -> UnitOfWork:
+        self.outermost = not connections[self.storage.alias].in_atomic_block
         with ExitStack() as stack:
             for alias in self.aliases:
                 stack.enter_context(transaction.atomic(using=alias))
@@ -186,6 +196,35 @@ class BaseStorage:
     def release(self, claim: Claim) -> bool:
         """Forget the key if ``claim`` still owns it, so the client may retry at once."""
         raise NotImplementedError
+
+    def claims_in_transaction(self) -> bool:
+        """Whether :meth:`claim_in_transaction` can claim inside the work's transaction, so
+        that the claim commits (or rolls back) with the work: the ``"transaction"`` claim
+        mode. False (the default): the engine uses the lease whatever the mode."""
+        return False
+
+    def quick_answer(self, operation: Operation) -> Claim | None:
+        """The ``"transaction"`` claim mode asks this before it opens the work's
+        transaction: a replay the storage can answer without one (the cache-accelerated
+        storage's copy), or ``None`` (the default) to claim in the transaction."""
+        return None
+
+    def claim_in_transaction(
+        self,
+        operation: Operation,
+        *,
+        lease: timedelta,
+        ttl: timedelta | None,
+        wait: timedelta | None,
+        unit: UnitOfWork,
+    ) -> Claim:
+        """The ``"transaction"`` claim mode: claim ``operation``'s key as the first statement
+        of ``unit``'s open transaction. The claim is invisible until the unit commits; a
+        concurrent claim of the same key blocks on it for at most ``wait`` (``None``: a short
+        bound) and then answers "in flight", or sees the committed record. Rolling the unit
+        back releases the key. Raises :class:`StaleSnapshot` when the record was committed
+        by a transaction this one's snapshot cannot see."""
+        return self.claim(operation, lease=lease, ttl=ttl, wait=wait)
 
     def bind(self, alias: str) -> BaseStorage:
         """This storage with its work's transaction (and, for a database storage, its

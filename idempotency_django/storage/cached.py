@@ -187,10 +187,21 @@ class CachedDatabaseStorage(DatabaseStorage):
         ttl: timedelta | None,
         wait: timedelta | None = None,
     ) -> Claim:
+        replay = self._cached_replay(operation)
+        if replay is None:
+            return super().claim(operation, lease=lease, ttl=ttl, wait=wait)
+        return replay
+
+    def quick_answer(self, operation: Operation) -> Claim | None:
+        # The transaction claim mode asks first: a replay from the cache opens no
+        # transaction and sends no SQL.
+        return self._cached_replay(operation)
+
+    def _cached_replay(self, operation: Operation) -> Claim | None:
         entry = self._read(operation.scope, operation.key)
         if entry is None or entry.fingerprint != operation.fingerprint:
             # Another fingerprint too: the database says 422, or that the key is free again.
-            return super().claim(operation, lease=lease, ttl=ttl, wait=wait)
+            return None
         return _CacheReplay(
             ClaimOutcome.REPLAY,
             record_id=entry.record_id,

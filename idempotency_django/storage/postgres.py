@@ -124,6 +124,59 @@ def insert_now(
     return int(row[0]), str(row[1]), sql.database_time(row[2], connection.vendor)
 
 
+def claim_first(
+    connection: Any,
+    values: dict[str, Any],
+    *,
+    lease: timedelta,
+    ttl: timedelta | None,
+    wait: timedelta | None,
+) -> tuple[int, str, datetime] | None:
+    """The ``"transaction"`` claim mode's claim, as the first statement of the work's
+    transaction: one round trip. ``(id, ctid, now)``, or ``None`` when a committed record
+    holds the key.
+
+    ``INSERT ... ON CONFLICT DO NOTHING`` with the database's clock (as :func:`insert_now`),
+    and its lock wait bounded inside the statement: a ``MATERIALIZED`` CTE sets a
+    transaction-local ``lock_timeout`` (``wait``, or ``REJECT_LOCK_WAIT``) before the insert
+    reads it, and the outer ``SELECT`` puts the previous value back once the insert is done,
+    whether it inserted or not, so the work runs under the connection's own setting and no
+    session state is left behind. A wait that runs out aborts the transaction (lock timeout),
+    which only holds this claim. At REPEATABLE READ and SERIALIZABLE, a record committed
+    while the insert waited is a serialization failure: the caller retries in a new
+    transaction. Timestamps come from ``statement_timestamp()``; the caller turns the
+    returned ``created_at`` into the claim's clock offset."""
+    plain = _unclocked(values)
+    placeholders, params = sql.prepared(plain, connection)
+    bound = wait if wait is not None else REJECT_LOCK_WAIT
+    milliseconds = max(1, int(bound.total_seconds() * 1000))
+
+    def build(quote: Any) -> str:
+        table = quote(IdempotencyRecord._meta.db_table)
+        columns = ", ".join(quote(sql.column(name)) for name in [*plain, *CLOCKED])
+        return (
+            "WITH bound AS MATERIALIZED (SELECT current_setting('lock_timeout') AS previous, "
+            "set_config('lock_timeout', %s, true) AS lock_timeout), "
+            f"claimed AS (INSERT INTO {table} ({columns}) "
+            f"SELECT {', '.join(placeholders)}, {CLOCKED_VALUES} FROM bound "
+            f"ON CONFLICT ({quote(sql.column('scope'))}, {quote(sql.column('key'))}) "
+            f"DO NOTHING RETURNING {quote(sql.column('id'))} AS id, ctid::text AS version, "
+            f"{quote(sql.column('created_at'))} AS created_at) "
+            "SELECT claimed.id, claimed.version, claimed.created_at, "
+            "set_config('lock_timeout', bound.previous, true) "
+            "FROM bound LEFT JOIN claimed ON true"
+        )
+
+    text = sql.statement(connection, "claim-first", tuple(placeholders), build=build)
+    intervals: list[Any] = [lease, ttl]
+    with connection.cursor() as cursor:
+        cursor.execute(text, [f"{milliseconds}ms", *params, *intervals])
+        row = cursor.fetchone()
+    if row is None or row[0] is None:
+        return None
+    return int(row[0]), str(row[1]), sql.database_time(row[2], connection.vendor)
+
+
 def row_version(connection: Any, record_id: int) -> str | None:
     """The ctid of a record's current row version, or ``None`` if it is gone."""
     table = connection.ops.quote_name(IdempotencyRecord._meta.db_table)

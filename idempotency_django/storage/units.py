@@ -44,6 +44,9 @@ class DatabaseUnit(UnitOfWork):
         self._outside: set[str] = set()
 
     def __enter__(self) -> DatabaseUnit:
+        # Opened now if it is not yet (the transaction claim mode claims inside the unit):
+        # the driver connection the work starts on is the one compared at the end.
+        connections[self.storage.alias].ensure_connection()
         self._opened = connections[self.storage.alias].connection
         if settings.DEBUG:
             for alias in connections:
