@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-stores test-transaction-mode reliability test-schemathesis test-isolation test-celery test-sqlite test-postgres test-mariadb lint typecheck docs tox clean bench bench-cleanup bench-statements bench-tasks bench-dashboard bench-scale
+.PHONY: demo test test-stores test-transaction-mode reliability test-schemathesis test-isolation test-celery test-sqlite test-postgres test-mariadb lint typecheck docs tox clean bench bench-cleanup bench-statements bench-tasks bench-dashboard bench-scale profile
 
 # pytest exits with 5 when it collected no tests (a -k/-m that selects nothing): not a failure.
 PYTEST := $(BIN)/python -m pytest -q
@@ -117,6 +117,14 @@ bench-dashboard: $(STAMP)
 ## and cleanup rate (SIZES=10000,100000 for a quick run; writes docs/benchmarks.md).
 bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/scale.py $(if $(SIZES),--sizes $(SIZES))
+
+## profile: py-spy flame graphs of the peer benchmark's endpoint, bare and with this package in
+## both claim modes, and how each request's time splits between this package, Django, the
+## database driver and gunicorn (installs py-spy into the virtualenv; output in
+## benchmarks/.profiles/).
+profile: $(STAMP)
+	$(BIN)/python -m pip install --quiet py-spy
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python benchmarks/profile.py
 
 ## bench-statements: each hand-written SQL statement of the database storage beside its ORM
 ## form, on PostgreSQL (prints ratios; figures kept in docs/benchmarks.md).

@@ -144,6 +144,8 @@ class CallSpec:
             wait_timeout=wait,
             using=tuple(self.using),
             claim_mode=str(idempotency_settings.CLAIM_MODE),
+            # A final exception rolls the call's writes back and is stored (see below).
+            final_after_rollback=bool(self.final),
         )
 
     def operation(

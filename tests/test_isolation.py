@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from django.conf import settings
-from django.db import connection, connections, transaction
+from django.db import DatabaseError, connection, connections, transaction
 from django.urls import include, path
 from django.utils import timezone
 from rest_framework.permissions import BasePermission
@@ -33,6 +33,7 @@ from rest_framework.views import APIView
 from idempotency_django import maintenance
 from idempotency_django.mixins import IdempotentMixin
 from idempotency_django.models import IdempotencyRecord
+from idempotency_django.storage.errors import is_lock_conflict, is_serialization_failure
 from tests.claim_modes import in_transaction_mode
 from tests.test_concurrency import Answer, _send, answer_of, race
 from tests.testapp.models import Payment
@@ -416,3 +417,55 @@ def test_expiring_an_in_flight_record_leaves_it_to_its_original():
     assert Payment.objects.count() == 1
     replay = _send("/reads-first/", slow, "expire-1")
     assert (replay.status, replay.replayed) == (201, True)
+
+
+@pytest.mark.skipif(connection.vendor != "mysql", reason="InnoDB's deadlock error")
+def test_an_innodb_deadlock_is_a_lock_conflict_not_a_serialization_failure():
+    # PyMySQL gives error 1213 the SQLSTATE 40001. PostgreSQL's serialization failure is
+    # survived by a savepoint (the claim treats it as a lost race and reads the winner);
+    # InnoDB's deadlock rolls the whole transaction back, savepoints included, so it must be
+    # answered "in flight" with the transaction marked for rollback, as a lock conflict.
+    first, second = (connections.create_connection("default") for _ in range(2))
+    try:
+        for conn in (first, second):
+            conn.set_autocommit(False)
+        with first.cursor() as cursor:
+            cursor.execute("CREATE TABLE IF NOT EXISTS deadlock_probe (id int PRIMARY KEY)")
+            cursor.execute("DELETE FROM deadlock_probe")
+            cursor.execute("INSERT INTO deadlock_probe VALUES (1), (2)")
+        first.commit()
+        with first.cursor() as cursor:
+            cursor.execute("UPDATE deadlock_probe SET id = id WHERE id = 1")
+        with second.cursor() as cursor:
+            cursor.execute("UPDATE deadlock_probe SET id = id WHERE id = 2")
+        caught: list[BaseException] = []
+
+        def cross() -> None:
+            try:
+                with second.cursor() as cursor:
+                    cursor.execute("UPDATE deadlock_probe SET id = id WHERE id = 1")
+            except DatabaseError as error:
+                caught.append(error)
+
+        second.inc_thread_sharing()  # its statement is sent from a thread of its own
+        thread = threading.Thread(target=cross)
+        thread.start()
+        time.sleep(0.3)
+        try:
+            with first.cursor() as cursor:
+                cursor.execute("UPDATE deadlock_probe SET id = id WHERE id = 2")
+        except DatabaseError as error:
+            caught.append(error)
+        thread.join(timeout=10)
+        second.dec_thread_sharing()
+        (deadlock,) = caught
+        assert deadlock.__cause__.args[0] == 1213
+        assert is_lock_conflict(deadlock)
+        assert not is_serialization_failure(deadlock)
+    finally:
+        for conn in (first, second):
+            conn.rollback()
+        with first.cursor() as cursor:
+            cursor.execute("DROP TABLE IF EXISTS deadlock_probe")
+        for conn in (first, second):
+            conn.close()

@@ -6,6 +6,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -24,6 +25,9 @@ from idempotency_django.storage.base import (
 
 logger = logging.getLogger("idempotency_django")
 
+# Transaction mode: claims retried in a new transaction after a stale snapshot, at most.
+MAX_STALE_RETRIES = 2
+
 # Polling interval bounds while waiting for an in-flight original (exponential backoff).
 WAIT_FIRST_DELAY = 0.05
 WAIT_MAX_DELAY = 1.0
@@ -36,7 +40,11 @@ class Policy:
     names further database aliases whose transactions the unit of work joins.
     ``claim_mode`` is ``"lease"`` (the claim commits on its own, then the work's
     transaction completes it) or ``"transaction"`` (the claim is made inside the work's
-    transaction: one commit; on a storage that cannot, the lease is used)."""
+    transaction: one commit; on a storage that cannot, the lease is used).
+    ``final_after_rollback`` says that the work may return a final result after marking its
+    transaction for rollback (an idempotent function's ``final`` exceptions): in the
+    transaction mode the work then runs in a savepoint of its own, so that rolling its writes
+    back keeps the claim, and the result is stored in the same transaction."""
 
     ttl: timedelta | None
     lease: timedelta
@@ -44,6 +52,7 @@ class Policy:
     wait_timeout: timedelta = timedelta(seconds=10)
     using: Sequence[str] = ()
     claim_mode: str = "lease"
+    final_after_rollback: bool = False
 
 
 class Outcome(enum.Enum):
@@ -181,16 +190,24 @@ def _run_work(
     claim: Claim,
     work: Callable[[], Result],
     policy: Policy,
+    *,
+    savepoint: bool = False,
 ) -> Result:
     """Inside the unit's transaction: run the work, then complete the claim in that same
     transaction (a storage that joins it) or confirm the claim is still owned (one that
-    does not). Raises what the caller turns into an answer: ``_NotFinal``,
+    does not). With ``savepoint`` the work runs in a savepoint on each of the unit's
+    aliases: a rollback the work asks for undoes its writes only, and a final result is
+    completed at once. Raises what the caller turns into an answer: ``_NotFinal``,
     ``_StoreAfterRollback``, ``_LeaseLost``, ``ResultTooLarge``, ``WorkAborted``."""
-    with monitoring.phase("handler", handler=True):
-        result = work()
+    with unit.savepoint() if savepoint else nullcontext():
+        with monitoring.phase("handler", handler=True):
+            result = work()
+        rolled_back = unit.rollback_pending()
     if result.stored is None:
         raise _NotFinal(result)
-    if unit.rollback_pending():
+    if rolled_back and savepoint and result.keep_after_rollback:
+        pass  # the savepoint undid the work's writes; the claim is still this unit's
+    elif rolled_back:
         if result.keep_after_rollback:
             raise _StoreAfterRollback(result)
         raise WorkAborted(
@@ -302,9 +319,9 @@ def _perform_in_transaction(
     """Transaction mode: the claim is the first statement of the work's transaction, so a
     first request commits once, with its writes and its stored result. A concurrent
     duplicate waits on the claim's uncommitted unique-index entry (bounded: a short lock
-    wait in reject mode, ``wait_timeout`` in wait mode) and then sees the committed result;
-    if the work fails, the rollback itself releases the key (a dead worker's too: the
-    database aborts its transaction)."""
+    wait in reject mode, ``wait_timeout`` in all in wait mode) and then sees the committed
+    result; if the work fails, the rollback itself releases the key (a dead worker's too:
+    the database aborts its transaction)."""
     try:
         quick = storage.quick_answer(operation)
     except Exception as error:
@@ -313,12 +330,15 @@ def _perform_in_transaction(
         quick = None
     if quick is not None:
         return _answer(storage, quick)
-    wait = policy.wait_timeout if policy.conflict == "wait" else None
-    deadline = time.monotonic() + (wait.total_seconds() if wait is not None else 0.0)
+    waits = policy.conflict == "wait"
+    deadline = time.monotonic() + (policy.wait_timeout.total_seconds() if waits else 0.0)
     delay = WAIT_FIRST_DELAY
     stale = 0
-    while stale < 2:
+    while True:
+        # Wait mode: what is left of wait_timeout bounds this attempt's lock wait.
+        wait = timedelta(seconds=max(0.001, deadline - time.monotonic())) if waits else None
         unit = storage.unit_of_work(policy.using)
+        claimed = False
         try:
             with running(operation.scope, operation.key), unit:
                 with monitoring.phase("claim"):
@@ -327,31 +347,28 @@ def _perform_in_transaction(
                     )
                 # Not won: the unit ends as it is (it wrote nothing; what the claim's reads
                 # registered to run on commit, such as a cache fill, runs).
-                answered = claim.outcome is not ClaimOutcome.CLAIMED or claim.token is None
-                if not answered:
-                    result = _run_work(storage, unit, claim, work, policy)
-            if answered:
+                claimed = claim.outcome is ClaimOutcome.CLAIMED and claim.token is not None
+                if claimed:
+                    result = _run_work(
+                        storage, unit, claim, work, policy, savepoint=policy.final_after_rollback
+                    )
+            if not claimed:
                 raise _Answered(claim)
         except StaleSnapshot:
-            # The original committed while this claim waited for it, after this
-            # transaction's snapshot was taken (REPEATABLE READ, SERIALIZABLE): a new
-            # transaction sees its record.
+            # The key's record was committed after this transaction's snapshot was taken
+            # (REPEATABLE READ, SERIALIZABLE: the claim waited for its original): a new
+            # transaction sees it.
             stale += 1
-            if not unit.outermost:
-                break
+            if not unit.outermost or stale > MAX_STALE_RETRIES:
+                return _in_flight(storage, operation)
             continue
         except _Answered as answered:
             claim = answered.claim
             remaining = deadline - time.monotonic()
-            if (
-                claim.outcome is ClaimOutcome.IN_FLIGHT
-                and claim.record_id is not None
-                and unit.outermost
-                and remaining > 0
-            ):
-                # Wait mode, and the key's owner is a committed "processing" record (a
-                # lease-mode claim): poll it, each time in a new transaction, as the lease
-                # mode does. (A claim still uncommitted was waited for on its index entry.)
+            if claim.outcome is ClaimOutcome.IN_FLIGHT and unit.outermost and remaining > 0:
+                # Wait mode, and the key is still someone else's: a committed "processing"
+                # record (a lease-mode claim), or a swap of an expired record lost to another
+                # request's. Try again in a new transaction, as the lease mode polls.
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, WAIT_MAX_DELAY)
                 continue
@@ -375,6 +392,7 @@ def _perform_in_transaction(
         except _LeaseLost:
             # Only a record claimed by a swap can be changed under its owner, and its row
             # lock is held from the claim on: not expected, but rolled back all the same.
+            logger.warning("idempotency key %r: its claimed record changed; rolled back", claim.key)
             return Answer(Outcome.LEASE_LOST, storage=storage)
         except BaseException as error:
             if unit.lost(error):
@@ -387,7 +405,8 @@ def _perform_in_transaction(
                 )
                 storage.abandon()
                 return Answer(Outcome.UNAVAILABLE, storage=storage)
-            released(None)
+            if claimed:  # the rollback released the key
+                released(None)
             raise
         return Answer(
             Outcome.EXECUTED,
@@ -397,17 +416,16 @@ def _perform_in_transaction(
             taken_over=claim.taken_over,
             storage=storage,
         )
-    return Answer(
-        Outcome.IN_FLIGHT,
-        Claim(
-            ClaimOutcome.IN_FLIGHT,
-            retry_after=timedelta(seconds=1),
-            scope=operation.scope,
-            key=operation.key,
-        ),
+
+
+def _in_flight(storage: BaseStorage, operation: Operation) -> Answer:
+    claim = Claim(
+        ClaimOutcome.IN_FLIGHT,
         retry_after=timedelta(seconds=1),
-        storage=storage,
+        scope=operation.scope,
+        key=operation.key,
     )
+    return Answer(Outcome.IN_FLIGHT, claim, retry_after=claim.retry_after, storage=storage)
 
 
 def _answer(storage: BaseStorage, claim: Claim) -> Answer:
@@ -455,14 +473,18 @@ def _store_after_rollback(
             raise
         storage.abandon()
         return Answer(Outcome.UNAVAILABLE, storage=storage)
-    if claim is None or claim.outcome is not ClaimOutcome.CLAIMED:
+    if claim is not None and claim.outcome is not ClaimOutcome.CLAIMED:
+        # Another request claimed the key when the rollback freed it, and ran the work: its
+        # answer (its replay, or "in flight" while it runs) is the one every retry gets.
         logger.warning(
             "idempotency key %r in scope %r: the work's writes rolled back and another "
-            "request holds the key; this final result is not stored",
+            "request took the key; this result is not stored, that request's is answered",
             operation.key,
             operation.scope,
         )
-        return Answer(Outcome.RELEASED, value=result.value, released=True, storage=storage)
+        return _answer(storage, claim)
+    if claim is None:
+        return _in_flight(storage, operation)
     return Answer(Outcome.EXECUTED, claim, value=result.value, stored=stored, storage=storage)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import enum
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -136,6 +136,15 @@ class UnitOfWork:
             transaction.on_commit(step, using=self.storage.alias, robust=True)
         else:
             step()
+
+    def savepoint(self) -> AbstractContextManager[Any]:
+        """A savepoint on each of the unit's aliases (nested ``transaction.atomic()``): the
+        transaction claim mode runs work that may ask for its own rollback in it, so that
+        the rollback keeps the claim made before it."""
+        stack = ExitStack()
+        for alias in self.aliases:
+            stack.enter_context(transaction.atomic(using=alias))
+        return stack
 
     def rollback_pending(self) -> bool:
         """Whether the work marked its transaction for rollback."""

@@ -59,6 +59,12 @@ logger = logging.getLogger("idempotency_django")
 # Claim attempts before a request that keeps losing races is answered "in flight".
 MAX_CLAIM_ATTEMPTS = 5
 
+# Transaction claim mode at REPEATABLE READ and SERIALIZABLE: a claim won after its statement
+# ran this long (it waited on a concurrent original) is made again in a new transaction, so
+# that the work never runs on a snapshot older than the wait. Shorter runs are a statement's
+# own time; the snapshot is then as old as any slow statement's.
+STALE_AFTER_WAIT = timedelta(milliseconds=50)
+
 
 class _KeyBusy(Exception):
     """A race was lost and the winner's record could not be read on a connection of its own."""
@@ -229,7 +235,13 @@ class DatabaseStorage(BaseStorage):
         row = postgres.claim_first(connection, values, lease=lease, ttl=ttl, wait=wait)
         if row is None:
             return None
-        record_id, version, now = row
+        record_id, version, now, waited = row
+        if waited >= STALE_AFTER_WAIT and postgres.snapshot_isolation(connection):
+            # The claim was won after waiting for a concurrent original that rolled back:
+            # this transaction's snapshot predates that wait, and the work would run on it
+            # (a write to a row changed meanwhile fails with a serialization error). A new
+            # transaction claims afresh.
+            raise StaleSnapshot(f"the claim waited {waited.total_seconds():.3f} s")
         located = version if postgres.serializable(connection) else None
         return self._claimed(operation, record_id, values["lease_owner"], now, row_version=located)
 
@@ -425,7 +437,7 @@ class DatabaseStorage(BaseStorage):
             # at once, which is what makes the claim visible to concurrent retries.
             bounded = postgres.bounded_lock_wait(connection, wait)
             with self._statement_savepoint(), bounded:
-                if connection.vendor == "mysql" and self._in_transaction():
+                if getattr(connection, "mysql_is_mariadb", False) and self._in_transaction():
                     # The wait on a concurrent claim bounded for this statement alone.
                     record_id = mysql.insert_claim(connection, values, wait)
                 else:

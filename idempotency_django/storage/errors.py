@@ -48,8 +48,10 @@ def is_lock_conflict(error: BaseException) -> bool:
 def is_serialization_failure(error: BaseException) -> bool:
     """Whether ``error`` is PostgreSQL's serialization_failure, which SERIALIZABLE reports
     instead of a unique violation when the conflicting row was inserted by a transaction
-    this one's snapshot cannot see."""
-    return _sqlstate(error) == "40001"
+    this one's snapshot cannot see. Never a MySQL/MariaDB error: PyMySQL gives InnoDB's
+    deadlock (1213) the same SQLSTATE, but InnoDB rolls the whole transaction back,
+    savepoints included, where PostgreSQL's failure leaves the enclosing savepoint usable."""
+    return _sqlstate(error) == "40001" and not isinstance(_mysql_code(error), int)
 
 
 def is_statement_timeout(error: BaseException) -> bool:

@@ -1,6 +1,5 @@
-"""MariaDB's (and MySQL's) own statement for the database storage: the claim's ``INSERT``
-inside an outer transaction (``ATOMIC_REQUESTS``), with a lock wait bounded for that
-statement alone.
+"""MariaDB's own statement for the database storage: the claim's ``INSERT`` inside an outer
+transaction (``ATOMIC_REQUESTS``), with a lock wait bounded for that statement alone.
 
 Inside a transaction, an insert racing an uncommitted claim of the same key waits on the
 unique index until that transaction ends, for up to ``innodb_lock_wait_timeout`` (50 seconds
@@ -41,17 +40,14 @@ def insert_claim(connection: Any, values: dict[str, Any], wait: timedelta | None
     record's id. A duplicate key raises ``IntegrityError``, a wait that ran out error 1205
     (a lock conflict), as the ORM's ``create()`` would."""
     placeholders, params = sql.prepared(values, connection)
-    mariadb = bool(getattr(connection, "mysql_is_mariadb", True))
     seconds = lock_wait_seconds(wait)
     text = sql.statement(
         connection,
         "claim-bounded",
-        mariadb,
         tuple(placeholders),
         build=lambda quote: (
-            ("SET STATEMENT innodb_lock_wait_timeout = %s FOR INSERT" if mariadb else "INSERT")
-            + ("" if mariadb else " /*+ SET_VAR(innodb_lock_wait_timeout = %s) */")
-            + f" INTO {quote(IdempotencyRecord._meta.db_table)} "
+            "SET STATEMENT innodb_lock_wait_timeout = %s FOR INSERT"
+            f" INTO {quote(IdempotencyRecord._meta.db_table)} "
             f"({', '.join(quote(sql.column(name)) for name in values)}) "
             f"VALUES ({', '.join(placeholders)})"
         ),

@@ -36,6 +36,16 @@ def serializable(connection: Any) -> bool:
     return name == "SERIALIZABLE" if name is not None else level == 3
 
 
+def snapshot_isolation(connection: Any) -> bool:
+    """Whether the PostgreSQL connection runs REPEATABLE READ or SERIALIZABLE: one snapshot
+    for the whole transaction, taken by its first statement."""
+    level = getattr(connection, "isolation_level", None)
+    name = getattr(level, "name", None)
+    if name is not None:
+        return name in ("REPEATABLE_READ", "SERIALIZABLE")
+    return level in (2, 3)  # psycopg2's ISOLATION_LEVEL_REPEATABLE_READ, _SERIALIZABLE
+
+
 def _unclocked(values: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in values.items() if name not in CLOCKED}
 
@@ -131,10 +141,10 @@ def claim_first(
     lease: timedelta,
     ttl: timedelta | None,
     wait: timedelta | None,
-) -> tuple[int, str, datetime] | None:
+) -> tuple[int, str, datetime, timedelta] | None:
     """The ``"transaction"`` claim mode's claim, as the first statement of the work's
-    transaction: one round trip. ``(id, ctid, now)``, or ``None`` when a committed record
-    holds the key.
+    transaction: one round trip. ``(id, ctid, now, waited)``, or ``None`` when a committed
+    record holds the key.
 
     ``INSERT ... ON CONFLICT DO NOTHING`` with the database's clock (as :func:`insert_now`),
     and its lock wait bounded inside the statement: a ``MATERIALIZED`` CTE sets a
@@ -144,8 +154,9 @@ def claim_first(
     session state is left behind. A wait that runs out aborts the transaction (lock timeout),
     which only holds this claim. At REPEATABLE READ and SERIALIZABLE, a record committed
     while the insert waited is a serialization failure: the caller retries in a new
-    transaction. Timestamps come from ``statement_timestamp()``; the caller turns the
-    returned ``created_at`` into the claim's clock offset."""
+    transaction. ``waited`` is how long the statement ran (mostly its lock wait, if any).
+    Timestamps come from ``statement_timestamp()``; the caller turns the returned
+    ``created_at`` into the claim's clock offset."""
     plain = _unclocked(values)
     placeholders, params = sql.prepared(plain, connection)
     bound = wait if wait is not None else REJECT_LOCK_WAIT
@@ -163,7 +174,8 @@ def claim_first(
             f"DO NOTHING RETURNING {quote(sql.column('id'))} AS id, ctid::text AS version, "
             f"{quote(sql.column('created_at'))} AS created_at) "
             "SELECT claimed.id, claimed.version, claimed.created_at, "
-            "set_config('lock_timeout', bound.previous, true) "
+            "set_config('lock_timeout', bound.previous, true), "
+            "clock_timestamp() - statement_timestamp() "
             "FROM bound LEFT JOIN claimed ON true"
         )
 
@@ -174,7 +186,8 @@ def claim_first(
         row = cursor.fetchone()
     if row is None or row[0] is None:
         return None
-    return int(row[0]), str(row[1]), sql.database_time(row[2], connection.vendor)
+    waited = row[4] if isinstance(row[4], timedelta) else timedelta(0)
+    return int(row[0]), str(row[1]), sql.database_time(row[2], connection.vendor), waited
 
 
 def row_version(connection: Any, record_id: int) -> str | None:
