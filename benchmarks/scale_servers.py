@@ -12,6 +12,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,17 @@ MYSQL = {
     "password": os.environ.get("MYSQL_PASSWORD", ""),
 }
 
-__all__ = ["ENGINES", "ScaleServer", "create", "database", "drop", "start", "stop"]
+__all__ = [
+    "ENGINES",
+    "ScaleServer",
+    "buffer_pool",
+    "buffer_pool_size",
+    "create",
+    "database",
+    "drop",
+    "start",
+    "stop",
+]
 
 
 def database(engine: str, name: str, **extra: Any) -> dict[str, Any]:
@@ -55,6 +68,46 @@ def _mysql_admin() -> Any:
     import pymysql
 
     return pymysql.connect(**MYSQL, autocommit=True)
+
+
+def buffer_pool_size() -> int:
+    """MariaDB's ``innodb_buffer_pool_size`` now, in bytes."""
+    with _mysql_admin() as admin, admin.cursor() as cursor:
+        cursor.execute("SELECT @@innodb_buffer_pool_size")
+        return int(cursor.fetchone()[0])
+
+
+def _resize_buffer_pool(size: int) -> None:
+    """``SET GLOBAL innodb_buffer_pool_size`` (rounded by the server to whole chunks), then
+    wait until the resize is done: MariaDB 10.11 resizes before the statement returns,
+    earlier versions in the background (``Innodb_buffer_pool_resize_status``)."""
+    with _mysql_admin() as admin, admin.cursor() as cursor:
+        cursor.execute("SET GLOBAL innodb_buffer_pool_size = %s", [size])
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            cursor.execute("SHOW GLOBAL STATUS LIKE 'Innodb_buffer_pool_resize_status'")
+            row = cursor.fetchone()
+            status = str(row[1]) if row else ""
+            if "resizing" not in status.lower() or status.startswith("Completed"):
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"innodb_buffer_pool_size: resize to {size} not done: {status}")
+
+
+@contextmanager
+def buffer_pool(size: int | None) -> Iterator[tuple[int, int]]:
+    """MariaDB's buffer pool at ``size`` bytes inside the block (``None``: as it is), and
+    back at the server's own size afterwards, also when the block fails. Yields the size in
+    use and the server's own."""
+    own = buffer_pool_size()
+    if size is None or size == own:
+        yield own, own
+        return
+    try:
+        _resize_buffer_pool(size)
+        yield buffer_pool_size(), own
+    finally:
+        _resize_buffer_pool(own)
 
 
 def create(engine: str, name: str) -> None:

@@ -13,9 +13,10 @@ early.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,7 @@ from django.db import (
     router,
     transaction,
 )
-from django.db.models import Count, Exists, Max, Min, OuterRef, Q, QuerySet, Sum
+from django.db.models import Count, Max, Min, OuterRef, Q, QuerySet, Subquery, Sum
 from django.utils import timezone
 from django.utils.connection import ConnectionDoesNotExist
 
@@ -137,34 +138,52 @@ def delete_expired(
     pause: float = 0.0,
 ) -> CleanupResult:
     """:meth:`IdempotencyRecordQuerySet.delete_expired`; a full run (no ``max_batches``,
-    unfiltered) then deletes orphaned counter rows. ``batches``: those that deleted records."""
+    unfiltered) then deletes the orphaned counter rows of the record ids it cleaned (see
+    :func:`delete_orphaned_counters`). ``batches``: those that deleted records."""
     alias = queryset.db
     started = time.monotonic()
     full_run = not queryset.query.where and not max_batches
+    model = queryset.model
+    span: tuple[int, int] | None
     if dry_run:
         count = queryset.filter(deletable(now)).count()
-        orphans = _orphaned_counters(alias).count() if full_run else 0
+        span = _id_bounds(queryset.filter(deletable(now))) if full_run else None
+        orphans = _count_orphans(alias, batch_size, span) if span else 0
         return CleanupResult(count, 0, time.monotonic() - started, 0.0, orphans)
     if connections[alias].vendor == "postgresql" and full_run:
         # A full run on PostgreSQL walks primary-key ranges (see _delete_range_postgresql).
-        model = queryset.model
-        bounds = _id_bounds(model._base_manager.using(alias).filter(deletable(now)))
+        span = _id_bounds(model._base_manager.using(alias).filter(deletable(now)))
+        end = span[1] + 1 if span else 0  # the last range stops there, not batch_size on
         deleted, batches, longest = _run_batches(
-            lambda low: _delete_range_postgresql(model, alias, now, low, low + batch_size),
-            range(bounds[0], bounds[1] + 1, batch_size) if bounds else (),
+            lambda low: _delete_range_postgresql(
+                model, alias, now, low, min(low + batch_size, end)
+            ),
+            range(span[0], end, batch_size) if span else (),
             pause,
         )
     else:
+        seen: list[int] = []  # the lowest and highest id of the rows deleted
+
+        def batch(_: int) -> int:
+            count, ids = _delete_batch(queryset, alias, now, batch_size)
+            if ids:
+                seen[:] = [min(ids + seen[:1]), max(ids + seen[1:])]
+            return count
+
         deleted, batches, longest = _run_batches(
-            lambda _: _delete_batch(queryset, alias, now, batch_size),
+            batch,
             range(max_batches) if max_batches else itertools.count(),
             pause,
             until_fewer_than=batch_size,
         )
+        span = (seen[0], seen[1]) if seen else None
     orphans = 0
     if full_run:
-        orphaned = delete_orphaned_counters(alias, batch_size=batch_size, pause=pause)
-        orphans, longest = orphaned.deleted, max(longest, orphaned.longest_batch_seconds)
+        if span is not None:
+            orphaned = delete_orphaned_counters(
+                alias, batch_size=batch_size, pause=pause, record_ids=span
+            )
+            orphans, longest = orphaned.deleted, max(longest, orphaned.longest_batch_seconds)
         # What the admin dashboard charts as "records stored": every full run (the command,
         # the Celery task) leaves a snapshot; a failure to write it is only logged.
         take_snapshot(alias, expired=deleted)
@@ -196,27 +215,71 @@ def _run_batches(
 
 
 def _id_bounds(queryset: QuerySet[Any]) -> tuple[int, int] | None:
-    """The lowest and highest pk in ``queryset`` (index scans stopping at the first match)."""
-    low = queryset.order_by("pk").values_list("pk", flat=True).first()
-    high = queryset.order_by("-pk").values_list("pk", flat=True).first()
+    """The lowest and highest pk in ``queryset``, exactly: per-view TTLs make expiry not
+    monotone in id, so no bounds taken from the oldest and newest ``expires_at`` would do.
+
+    Two ways read different rows. Primary-key scans from either end stop at the first
+    match, reading every row outside the bounds on the way: when expired rows are the
+    oldest, the one down from the newest reads every live row (all 90,000 of 100,000 records
+    in ``make bench-scale``). PostgreSQL's planner turns ``MIN``/``MAX`` into those scans
+    too, assuming matches spread evenly. An aggregate over the matching rows themselves
+    (through ``idempotency_expires_idx`` for :func:`deletable`) reads only those. On
+    PostgreSQL the planner's row estimates pick the way that reads fewer rows: the
+    matching ones when they are fewer than the others (a cleanup run as often as
+    docs/scaling.md advises), else the scans (1,000,000 expired beside 100,000 live in
+    ``make bench-cleanup``). Elsewhere (the dry run on MariaDB/MySQL and SQLite) the
+    aggregate, which their planners answer from the matching rows."""
+    alias = queryset.db
+    connection = connections[alias]
+    ids = queryset.order_by().values_list("pk")
+    if connection.vendor != "postgresql":
+        bounds = queryset.aggregate(low=Min("pk"), high=Max("pk"))
+        low, high = bounds["low"], bounds["high"]
+    elif 2 * _planned_rows(ids) < _planned_rows(queryset.model._base_manager.using(alias)):
+        sql, params = ids.query.get_compiler(alias).as_sql()
+        with connection.cursor() as cursor:
+            # OFFSET 0 keeps the subquery from being pulled up into the aggregate, which
+            # the planner would turn into the primary-key scans (src/backend/optimizer/
+            # plan/planagg.c applies to a query over one table only).
+            cursor.execute(
+                f"SELECT MIN(id_), MAX(id_) FROM ({sql} OFFSET 0) AS matching (id_)", params
+            )
+            low, high = cursor.fetchone()
+    else:
+        low = ids.order_by("pk").values_list("pk", flat=True).first()
+        high = ids.order_by("-pk").values_list("pk", flat=True).first()
     return None if low is None or high is None else (int(low), int(high))
 
 
-def _delete_batch(queryset: QuerySet[Any], alias: str, now: datetime | None, size: int) -> int:
+def _planned_rows(queryset: QuerySet[Any]) -> float:
+    """The PostgreSQL planner's estimate of the rows ``queryset`` matches (no rows read)."""
+    sql, params = queryset.order_by().values_list("pk").query.get_compiler(queryset.db).as_sql()
+    with connections[queryset.db].cursor() as cursor:
+        cursor.execute(f"EXPLAIN (FORMAT JSON) {sql}", params)
+        plan = cursor.fetchone()[0]
+    if isinstance(plan, str):  # psycopg2 without its json adapter
+        plan = json.loads(plan)
+    return float(plan[0]["Plan"]["Plan Rows"])
+
+
+def _delete_batch(
+    queryset: QuerySet[Any], alias: str, now: datetime | None, size: int
+) -> tuple[int, list[int]]:
     """One short transaction on any backend: select ids (``FOR UPDATE SKIP LOCKED`` where
-    supported: rows in-flight requests hold are left for later), then delete them."""
+    supported: rows in-flight requests hold are left for later), then delete them. Returns
+    the rows deleted and the ids selected."""
     with transaction.atomic(using=alias):
         candidates = queryset.filter(deletable(now)).order_by().values_list("pk", flat=True)
         if connections[alias].features.has_select_for_update_skip_locked:
             candidates = candidates.select_for_update(skip_locked=True)
         ids = list(candidates[:size])
         if not ids:
-            return 0
+            return 0, ids
         # Re-checking in the DELETE keeps a row that was reused between the two statements
         # (only possible where no row lock was taken).
         records = queryset.model._base_manager.using(alias)
         count, _ = records.filter(deletable(now), pk__in=ids).delete()
-        return int(count)
+        return int(count), ids
 
 
 def _delete_range_postgresql(
@@ -270,38 +333,89 @@ def _delete_range_postgresql(
         return int(cursor.rowcount)
 
 
-def _orphaned_counters(alias: str) -> QuerySet[Any]:
-    """Counter rows whose record lifetime (``record_id``, ``lifetime``) no longer exists."""
-    from idempotency_django.models import IdempotencyCounter, IdempotencyRecord
-
-    lifetimes = IdempotencyRecord._base_manager.using(alias).filter(
-        pk=OuterRef("record_id"), created_at=OuterRef("lifetime")
-    )
-    return IdempotencyCounter._base_manager.using(alias).filter(~Exists(lifetimes))
-
-
 def delete_orphaned_counters(
-    alias: str, *, batch_size: int = DEFAULT_CLEANUP_BATCH_SIZE, pause: float = 0.0
+    alias: str,
+    *,
+    batch_size: int = DEFAULT_CLEANUP_BATCH_SIZE,
+    pause: float = 0.0,
+    record_ids: tuple[int, int] | None = None,
 ) -> CleanupResult:
     """Delete counter rows of record lifetimes that are gone (record deleted, or its row
-    reused for a new lifetime), ``batch_size`` counter ids at a time: a plain read of the
-    orphans' ids, then a ``DELETE`` of those ids. The read takes no locks (a ``DELETE`` with
-    the anti-join would share-lock record rows on MariaDB/MySQL, holding up their owners) and
-    needs no re-check: a lifetime that is gone never comes back."""
+    reused for a new lifetime), reading ``batch_size`` counter rows at a time (see
+    :func:`_orphan_pages`), then a ``DELETE`` of the orphans' ids. The reads take no locks
+    (a ``DELETE`` with an anti-join would share-lock record rows on MariaDB/MySQL, holding
+    up their owners) and need no re-check: a lifetime that is gone never comes back.
+
+    ``record_ids`` (a full cleanup run's lowest and highest expired id) limits the reads to
+    counters of record ids up to the highest, from the nearest record still stored below
+    the lowest (every id between them is gone), so that a run reads about as many counter
+    rows as it deletes, not every live record's. Without it, every counter row is read."""
+    from idempotency_django.models import IdempotencyCounter
+
     started = time.monotonic()
-    orphaned = _orphaned_counters(alias)
-    counters = orphaned.model._base_manager.using(alias)
-    bounds = counters.aggregate(low=Min("pk"), high=Max("pk"))
-
-    def batch(low: int) -> int:
-        ids = list(
-            orphaned.filter(pk__gte=low, pk__lt=low + batch_size).values_list("pk", flat=True)
-        )
-        return int(counters.filter(pk__in=ids).delete()[0]) if ids else 0
-
-    lows = range(bounds["low"], bounds["high"] + 1, batch_size) if bounds["low"] is not None else ()
-    deleted, batches, longest = _run_batches(batch, lows, pause)
+    counters = IdempotencyCounter._base_manager.using(alias)
+    pages = _orphan_pages(alias, batch_size, record_ids)
+    deleted = batches = 0
+    longest = 0.0
+    more = True
+    while more:
+        began = time.monotonic()
+        orphans, more = next(pages)
+        if orphans:
+            deleted += int(counters.filter(pk__in=orphans).delete()[0])
+            batches += 1
+        longest = max(longest, time.monotonic() - began)
+        if pause and more:
+            time.sleep(pause)
     return CleanupResult(deleted, batches, time.monotonic() - started, longest)
+
+
+def _count_orphans(alias: str, batch_size: int, record_ids: tuple[int, int] | None) -> int:
+    """How many counter rows :func:`delete_orphaned_counters` would delete (a dry run)."""
+    pages = _orphan_pages(alias, batch_size, record_ids)
+    total, more = 0, True
+    while more:
+        orphans, more = next(pages)
+        total += len(orphans)
+    return total
+
+
+def _orphan_pages(
+    alias: str, size: int, record_ids: tuple[int, int] | None
+) -> Iterator[tuple[list[int], bool]]:
+    """The ids of the orphaned counter rows among each ``size`` counter rows in
+    (``record_id``, ``lifetime``) order (the unique index, keyset-paged), and whether more
+    follow. Each row's record lifetime is looked up by primary key in a subquery of its
+    own: as an anti-join, small tables got a hash join reading the whole record table once
+    per page. ``record_ids``: see :func:`delete_orphaned_counters`."""
+    from idempotency_django.models import IdempotencyCounter, IdempotencyRecord
+
+    records = IdempotencyRecord._base_manager.using(alias)
+    counters = IdempotencyCounter._base_manager.using(alias).order_by("record_id", "lifetime")
+    if record_ids is not None:
+        low, high = record_ids
+        # Counters of the ids below the lowest expired one down to the nearest stored
+        # record are orphans too (records deleted some other way, next to expired ones).
+        nearest = records.filter(pk__lt=low).order_by("-pk").values_list("pk", flat=True)
+        below = nearest.first()
+        counters = counters.filter(record_id__lte=high)
+        if below is not None:
+            counters = counters.filter(record_id__gte=below)
+    current = records.filter(pk=OuterRef("record_id")).order_by().values("created_at")
+    rows = counters.annotate(current=Subquery(current)).values_list(
+        "pk", "record_id", "lifetime", "current"
+    )
+    after = Q()
+    while True:
+        page = list(rows.filter(after)[:size])
+        more = len(page) == size
+        yield [pk for pk, _, lifetime, current in page if lifetime != current], more
+        if not more:
+            return
+        _, record_id, lifetime, _ = page[-1]
+        after = Q(record_id__gte=record_id) & (
+            Q(record_id__gt=record_id) | Q(record_id=record_id, lifetime__gt=lifetime)
+        )
 
 
 @dataclass(frozen=True)

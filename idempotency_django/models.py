@@ -96,8 +96,8 @@ class IdempotencyRecordQuerySet(models.QuerySet["IdempotencyRecord"]):
     ) -> CleanupResult:
         """Delete :meth:`expired` records in batches of ``batch_size``, each in its own
         short transaction, until none is left (or ``max_batches`` ran). ``dry_run`` only
-        counts. A full run (no ``max_batches``, unfiltered) also deletes counter rows of
-        record lifetimes that are gone.
+        counts. A full run (no ``max_batches``, unfiltered) also deletes the orphaned counter
+        rows of the record ids it cleaned.
 
         On PostgreSQL and MariaDB/MySQL each batch skips rows an in-flight request holds
         (``SKIP LOCKED``) instead of waiting for them, so cleanup never blocks live traffic.

@@ -320,9 +320,10 @@ def test_full_cleanup_deletes_counter_rows_of_gone_lifetimes_in_batches():
     reused = IdempotencyRecordFactory(replay_count=1)
     # The row was reused for a new lifetime: the old lifetime's counts are orphans.
     IdempotencyRecord.objects.filter(pk=reused.pk).update(created_at=timezone.now())
-    expired = [IdempotencyRecordFactory(expires_at=past, replay_count=1) for _ in range(3)]
+    # Deleted some other way, next to the expired records (ids below theirs).
     deleted = IdempotencyRecordFactory(mismatch_count=1)
     IdempotencyRecord.objects.filter(pk=deleted.pk).delete()
+    expired = [IdempotencyRecordFactory(expires_at=past, replay_count=1) for _ in range(3)]
     result = IdempotencyRecord.objects.delete_expired(batch_size=2)
     assert result.deleted == len(expired)
     assert result.orphaned_counters == 5
@@ -341,9 +342,26 @@ def test_orphaned_counters_are_deleted_in_batches_of_batch_size():
     assert IdempotencyCounter.objects.get().record_id == records[4].pk
 
 
+def test_full_cleanup_leaves_orphans_above_the_highest_expired_id_to_a_later_run():
+    past = timezone.now() - timedelta(minutes=1)
+    IdempotencyRecordFactory(expires_at=past)
+    kept = IdempotencyRecordFactory()
+    # Deleted some other way among live records: no expired id is near it yet.
+    deleted = IdempotencyRecordFactory(replay_count=1)
+    IdempotencyRecord.objects.filter(pk=deleted.pk).delete()
+    assert IdempotencyRecord.objects.delete_expired().orphaned_counters == 0
+    # Once a record above it expired, the run that deletes that one takes the counter too:
+    # every id between it and the nearest record stored below (kept) is gone.
+    IdempotencyRecordFactory(expires_at=past)
+    assert IdempotencyRecord.objects.delete_expired().orphaned_counters == 1
+    assert not IdempotencyCounter.objects.exists()
+    assert list(IdempotencyRecord.objects.values_list("pk", flat=True)) == [kept.pk]
+
+
 def test_dry_run_counts_orphaned_counters_without_deleting_them():
     record = IdempotencyRecordFactory(replay_count=1)
     IdempotencyRecord.objects.filter(pk=record.pk).delete()
+    make_records(expired=1)
     result = IdempotencyRecord.objects.delete_expired(dry_run=True)
     assert result.orphaned_counters == 1
     assert IdempotencyCounter.objects.count() == 1

@@ -14,8 +14,9 @@ from idempotency_django.models import DEFAULT_CLEANUP_BATCH_SIZE
 class Command(BaseCommand):
     help = (
         "Delete expired idempotency records in batches, skipping rows that in-flight requests "
-        "hold, then counter rows of record lifetimes that are gone. Records kept forever "
-        "(TTL=None), live records and records in flight under a live lease are never deleted."
+        "hold, then the counter rows of the cleaned ids' lifetimes that are gone. Records kept "
+        "forever (TTL=None), live records and records in flight under a live lease are never "
+        "deleted."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
