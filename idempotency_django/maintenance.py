@@ -35,6 +35,8 @@ from django.db.models import Count, Max, Min, OuterRef, Q, QuerySet, Subquery, S
 from django.utils import timezone
 from django.utils.connection import ConnectionDoesNotExist
 
+from idempotency_django.storage.errors import is_lock_conflict
+
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
     from django.db.models.sql.compiler import SQLCompiler
@@ -150,14 +152,14 @@ def delete_expired(
         span = _id_bounds(queryset.filter(deletable(now))) if full_run else None
         orphans = _count_orphans(alias, batch_size, span) if span else 0
         return CleanupResult(count, 0, time.monotonic() - started, 0.0, orphans)
-    if connections[alias].vendor == "postgresql" and full_run:
-        # A full run on PostgreSQL walks primary-key ranges (see _delete_range_postgresql).
+    delete_range = _range_deleter(connections[alias])
+    if delete_range is not None and full_run:
+        # A full run on PostgreSQL and MariaDB walks primary-key ranges (see
+        # _delete_range_postgresql and _delete_range_mariadb).
         span = _id_bounds(model._base_manager.using(alias).filter(deletable(now)))
         end = span[1] + 1 if span else 0  # the last range stops there, not batch_size on
         deleted, batches, longest = _run_batches(
-            lambda low: _delete_range_postgresql(
-                model, alias, now, low, min(low + batch_size, end)
-            ),
+            lambda low: delete_range(model, alias, now, low, min(low + batch_size, end)),
             range(span[0], end, batch_size) if span else (),
             pause,
         )
@@ -282,6 +284,89 @@ def _delete_batch(
         return int(count), ids
 
 
+RangeDeleter = Callable[[Any, str, datetime | None, int, int], int]
+
+
+def _range_deleter(connection: BaseDatabaseWrapper) -> RangeDeleter | None:
+    """How a full cleanup run deletes one primary-key range on ``connection``, or ``None``
+    where it deletes batches of ids selected first (:func:`_delete_batch`)."""
+    if connection.vendor == "postgresql":
+        return _delete_range_postgresql
+    if (
+        getattr(connection, "mysql_is_mariadb", False)
+        and connection.get_autocommit()
+        and not connection.in_atomic_block
+        and _reads_committed(connection)
+    ):
+        return _delete_range_mariadb
+    return None
+
+
+def _reads_committed(connection: BaseDatabaseWrapper) -> bool:
+    """Whether MariaDB's session runs at READ COMMITTED (Django's default): there a
+    ``DELETE`` keeps locks only on the rows it deletes. At REPEATABLE READ it keeps next-key
+    locks on every row and gap it scans until it ends, holding back the completions of
+    live records in its range and, at the table's end, every new claim."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT @@tx_isolation")
+        return str(cursor.fetchone()[0]).upper() in ("READ-COMMITTED", "READ-UNCOMMITTED")
+
+
+def _range_where(
+    model: Any, connection: BaseDatabaseWrapper, now: datetime | None, low: int, high: int
+) -> tuple[str, list[Any]]:
+    """:func:`deletable` as SQL for the rows with ``low <= pk < high``, and its parameters."""
+    quote = connection.ops.quote_name
+    column = {
+        name: quote(model._meta.get_field(name).column)
+        for name in ("id", "expires_at", "state", "lease_expires_at")
+    }
+    at_params: list[Any]
+    if now is not None:
+        at, at_params = "%s", [connection.ops.adapt_datetimefield_value(now)]
+    else:
+        at, at_params = _now_sql(connection)
+    where = (
+        f"{column['id']} >= %s AND {column['id']} < %s AND {column['expires_at']} <= {at}"
+        f" AND ({column['state']} = %s OR {column['lease_expires_at']} IS NULL"
+        f" OR {column['lease_expires_at']} <= {at})"
+    )
+    return where, [low, high, *at_params, model.State.COMPLETED.value, *at_params]
+
+
+def _delete_range_mariadb(model: Any, alias: str, now: datetime | None, low: int, high: int) -> int:
+    """MariaDB's counterpart of :func:`_delete_range_postgresql`, outside a transaction: one
+    ``DELETE`` of the range, 1.8x the rows per second of selecting each batch's ids first and
+    deleting those (1,000,000 expired rows of ``make bench-cleanup``: 11.8 s against 21.0 s,
+    a plain ``DELETE`` 8.2 s).
+
+    InnoDB has no ``SKIP LOCKED`` for a ``DELETE``, and a ``DELETE`` that meets a row another
+    transaction holds waits for it, matching or not. So the statement runs with
+    ``innodb_lock_wait_timeout = 0`` set for itself alone (``SET STATEMENT ... FOR``: no
+    session state is left) and never waits: on a lock conflict (error 1205, or 1213 if
+    InnoDB's deadlock check ran first) the statement is rolled back and the range is
+    redone the portable way, selecting ids ``FOR UPDATE SKIP LOCKED`` and deleting those.
+    Used only outside a transaction (inside one, a failed statement would be the caller's
+    to deal with) and at READ COMMITTED (:func:`_reads_committed`); elsewhere the batches
+    of ids are used."""
+    connection = connections[alias]
+    where, params = _range_where(model, connection, now, low, high)
+    table = connection.ops.quote_name(model._meta.db_table)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SET STATEMENT innodb_lock_wait_timeout = 0 FOR DELETE FROM {table} WHERE {where}",
+                params,
+            )
+            return int(cursor.rowcount)
+    except OperationalError as error:
+        if not is_lock_conflict(error):
+            raise
+    # Rows an in-flight request holds are skipped, left for the next run.
+    ranged = model._base_manager.using(alias).filter(pk__gte=low, pk__lt=high)
+    return _delete_batch(ranged, alias, now, max(high - low, 1))[0]
+
+
 def _delete_range_postgresql(
     model: Any, alias: str, now: datetime | None, low: int, high: int
 ) -> int:
@@ -298,19 +383,8 @@ def _delete_range_postgresql(
     ``synchronous_commit = off`` the next live request to commit would flush its WAL.
     """
     connection = connections[alias]
-    quote = connection.ops.quote_name
-    column = {
-        name: quote(model._meta.get_field(name).column)
-        for name in ("id", "expires_at", "state", "lease_expires_at")
-    }
-    at, at_params = ("%s", [now]) if now is not None else _now_sql(connection)
-    where = (
-        f"{column['id']} >= %s AND {column['id']} < %s AND {column['expires_at']} <= {at}"
-        f" AND ({column['state']} = %s OR {column['lease_expires_at']} IS NULL"
-        f" OR {column['lease_expires_at']} <= {at})"
-    )
-    params = [low, high, *at_params, model.State.COMPLETED.value, *at_params]
-    table = quote(model._meta.db_table)
+    where, params = _range_where(model, connection, now, low, high)
+    table = connection.ops.quote_name(model._meta.db_table)
     with connection.cursor() as cursor:
         if connection.get_autocommit() and not connection.in_atomic_block:
             try:

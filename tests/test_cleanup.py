@@ -262,6 +262,104 @@ def test_cleanup_skips_rows_locked_by_in_flight_requests_instead_of_waiting():
 
 @pytest.mark.requires_server_db
 @pytest.mark.django_db(transaction=True)
+def test_a_full_cleanup_in_autocommit_skips_a_row_an_in_flight_request_holds_without_waiting():
+    make_records(expired=6, live=1)
+    expired = list(
+        IdempotencyRecord.objects.filter(expires_at__lt=timezone.now())
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+    locked_pk = expired[2]  # inside the second of three ranges
+    holding, done = threading.Event(), threading.Event()
+
+    def in_flight_request_holds_the_row():
+        try:
+            with transaction.atomic():
+                IdempotencyRecord.objects.select_for_update().get(pk=locked_pk)
+                holding.set()
+                done.wait(timeout=10)
+        finally:
+            connections.close_all()
+
+    holder = threading.Thread(target=in_flight_request_holds_the_row)
+    holder.start()
+    assert holding.wait(timeout=10)
+    started = time.monotonic()
+    try:
+        result = IdempotencyRecord.objects.delete_expired(batch_size=2)
+    finally:
+        elapsed = time.monotonic() - started
+        done.set()
+        holder.join()
+    assert result.deleted == 5
+    assert elapsed < 1  # no lock wait: InnoDB counts its shortest bound in whole seconds
+    assert IdempotencyRecord.objects.filter(pk__in=expired).count() == 1
+    assert IdempotencyRecord.objects.filter(pk=locked_pk).exists()
+    assert IdempotencyRecord.objects.delete_expired(batch_size=2).deleted == 1  # released
+
+
+@pytest.mark.requires_server_db
+@pytest.mark.django_db(transaction=True)
+def test_a_full_cleanup_on_a_server_database_deletes_each_id_range_in_one_statement():
+    connection = connections["default"]
+    if connection.vendor == "mysql" and not connection.mysql_is_mariadb:
+        pytest.skip("MySQL deletes batches of ids selected first")
+    make_records(expired=6, live=1)
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as queries:
+        assert IdempotencyRecord.objects.delete_expired(batch_size=2).deleted == 6
+    table = IdempotencyRecord._meta.db_table
+    statements = [query["sql"] for query in queries.captured_queries if table in query["sql"]]
+    assert not [sql for sql in statements if "FOR UPDATE" in sql]
+    assert len([sql for sql in statements if "DELETE FROM" in sql]) == 3
+
+
+@pytest.mark.requires_server_db
+@pytest.mark.django_db(transaction=True)
+def test_a_full_cleanup_on_mariadb_at_repeatable_read_deletes_batches_of_selected_ids():
+    # A range DELETE at REPEATABLE READ keeps next-key locks on every live row and gap it
+    # scans (at the table's end, the gap every new claim inserts into) until it ends.
+    connection = connections["default"]
+    if not getattr(connection, "mysql_is_mariadb", False):
+        pytest.skip("MariaDB's range walk")
+    make_records(expired=4, live=1)
+    from django.test.utils import CaptureQueriesContext
+
+    with connection.cursor() as cursor:
+        cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    try:
+        with CaptureQueriesContext(connection) as queries:
+            assert IdempotencyRecord.objects.delete_expired(batch_size=2).deleted == 4
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+    statements = [query["sql"] for query in queries.captured_queries]
+    assert not [sql for sql in statements if "SET STATEMENT" in sql]
+    assert len([sql for sql in statements if "SKIP LOCKED" in sql]) >= 2
+
+
+@pytest.mark.requires_server_db
+@pytest.mark.django_db(transaction=True)
+def test_cleanup_on_mariadb_leaves_the_sessions_lock_wait_timeout_as_it_found_it():
+    connection = connections["default"]
+    if not getattr(connection, "mysql_is_mariadb", False):
+        pytest.skip("MariaDB's range walk")
+    make_records(expired=3)
+    with connection.cursor() as cursor:
+        cursor.execute("SET SESSION innodb_lock_wait_timeout = 7")
+    try:
+        assert IdempotencyRecord.objects.delete_expired(batch_size=2).deleted == 3
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT @@session.innodb_lock_wait_timeout, @@in_transaction")
+            assert cursor.fetchone() == (7, 0)
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SET SESSION innodb_lock_wait_timeout = DEFAULT")
+
+
+@pytest.mark.requires_server_db
+@pytest.mark.django_db(transaction=True)
 def test_cleanup_leaves_the_connections_lock_timeout_as_it_found_it():
     make_records(expired=3)
     connection = connections["default"]

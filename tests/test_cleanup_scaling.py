@@ -109,6 +109,23 @@ def postgresql_only() -> None:
         pytest.skip("the primary-key walk and its bounds are PostgreSQL's")
 
 
+@pytest.mark.django_db(transaction=True)
+def test_full_cleanup_in_autocommit_on_mariadb_reads_about_as_many_rows_as_it_deletes():
+    # Outside a transaction MariaDB deletes primary-key ranges (selecting each batch's ids
+    # first and deleting those took 1.8x as long on 1,000,000 rows).
+    if not getattr(connection, "mysql_is_mariadb", False):
+        pytest.skip("MariaDB's range walk")
+    expired, _ = fill(expired=RECORDS // 10)
+    before = rows_read()
+    result = IdempotencyRecord.objects.delete_expired()
+    read = rows_read() - before
+    assert result.deleted == len(expired)
+    before = rows_read()  # the run's table-size snapshot: a fixed cost, the same again now
+    maintenance.take_snapshot("default")
+    read -= rows_read() - before
+    assert read <= len(expired) * 3, f"{read} rows read for {len(expired)} expired"
+
+
 def test_bounds_read_the_expired_rows_not_the_live_ones():
     postgresql_only()
     expired, _ = fill(expired=RECORDS // 10)
