@@ -98,7 +98,8 @@ clean:
 bench: $(STAMP)
 	$(BIN)/python benchmarks/compare.py
 
-## bench-cleanup: batched cleanup vs plain DELETE on PostgreSQL (writes docs/benchmarks.md).
+## bench-cleanup: batched cleanup vs plain DELETE, and p99 of live requests while it runs, on
+## PostgreSQL and MariaDB (writes docs/benchmarks.md).
 bench-cleanup: $(STAMP)
 	$(BIN)/python benchmarks/cleanup.py
 
