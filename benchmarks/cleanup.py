@@ -105,17 +105,22 @@ def postgres_database(name: str, **extra: object) -> dict[str, object]:
     }
 
 
-def create_database(name: str = DB_NAME) -> None:
-    """Drop and create the benchmark's own PostgreSQL database ``name``."""
+def _postgres_admin() -> Any:
+    """An autocommit connection to the ``postgres`` database (PGHOST/PGPORT/PGUSER)."""
     import psycopg
 
-    admin = psycopg.connect(
+    return psycopg.connect(
         host=os.environ.get("PGHOST", "127.0.0.1"),
         port=os.environ.get("PGPORT", "5432"),
         user=os.environ.get("PGUSER", "postgres"),
         dbname="postgres",
         autocommit=True,
     )
+
+
+def create_database(name: str = DB_NAME) -> None:
+    """Drop and create the benchmark's own PostgreSQL database ``name``."""
+    admin = _postgres_admin()
     admin.execute(f"DROP DATABASE IF EXISTS {name}")
     admin.execute(f"CREATE DATABASE {name}")
     admin.close()
@@ -380,15 +385,7 @@ def measure(engine: str) -> dict[str, Any]:
 def _wal_compression() -> Iterator[None]:
     """PostgreSQL's ``wal_compression`` at WAL_COMPRESSION inside the block (``ALTER SYSTEM``
     and a reload), and back at the server's own afterwards, also when the block fails."""
-    import psycopg
-
-    admin = psycopg.connect(
-        host=os.environ.get("PGHOST", "127.0.0.1"),
-        port=os.environ.get("PGPORT", "5432"),
-        user=os.environ.get("PGUSER", "postgres"),
-        dbname="postgres",
-        autocommit=True,
-    )
+    admin = _postgres_admin()
     try:
         admin.execute(f"ALTER SYSTEM SET wal_compression = '{WAL_COMPRESSION}'")
         admin.execute("SELECT pg_reload_conf()")
